@@ -1,0 +1,33 @@
+# The two commands of the README quick start. Each creates .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/predator_prey_quick
+
+.PHONY: run test venv sweep bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Quick Predator-Prey experiment end to end (data, autoencoder, L_z vs L_x,p, rollouts).
+run: $(STAMP)
+	$(PY) experiments/train.py --config configs/predator_prey.py:quick --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# The full Predator-Prey budget sweep (about an hour on 2 cores); writes docs/results/.
+sweep: $(STAMP)
+	$(PY) experiments/sweep.py --config configs/predator_prey.py --workdir workdirs/predator_prey_sweep --out docs/results/predator_prey.json
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py --out benchmarks/results/train_step_cpu.json
+
+clean:
+	rm -rf workdirs .pytest_cache

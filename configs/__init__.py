@@ -1,0 +1,1 @@
+"""Experiment configs: ``base.py`` (every field commented) and one file per experiment."""

@@ -1,0 +1,111 @@
+"""Base configuration: every field, commented. Experiment configs override it.
+
+Never run directly; e.g.
+  python experiments/train.py --config configs/predator_prey.py --workdir workdirs/pp
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # Seed of the data (trajectory pool and test set) and of the autoencoder.
+    # Latent-model members have their own seeds (train.seeds).
+    c.seed = 0
+
+    # ---------------------------------------------------------------- system
+    c.system = ml_collections.ConfigDict()
+    c.system.name = ""  # one of macro_jax.systems (e.g. "predator_prey")
+    c.system.params = ml_collections.ConfigDict()  # keyword arguments of its make_* factory
+
+    # ---------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    # Training pool: configurations the labels are drawn from, in
+    # trajectory-major order (a run with n configurations takes the first n).
+    c.data.n_pool_trajectories = 0
+    c.data.pool_integrator = "euler"  # "euler" or "rk4"; micro step below
+    c.data.pool_dt = 0.01  # microscopic time step
+    c.data.pool_steps = 3000  # steps per trajectory
+    c.data.pool_save_every = 10  # keep every k-th step
+    # Held-out test trajectories: the TRUE observables the rollout is scored on.
+    c.data.n_test_trajectories = 0
+    c.data.test_integrator = "rk4"
+    c.data.test_dt = 0.01
+    c.data.test_steps = 3000
+    c.data.test_save_every = 1  # frames are also the rollout's output times
+    c.data.dtype = "float32"  # storage dtype (integration is float64)
+
+    # ---------------------------------------------------------------- autoencoder (stage 1)
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.latent_dim = 0  # d = number of observables + closure dimension
+    c.autoencoder.hidden = (32, 32)  # encoder widths; the decoder mirrors them
+    c.autoencoder.activation = "softplus"
+    c.autoencoder.bias_init = "torch"  # "torch" (U(+-1/sqrt(fan_in))) or "zeros"
+    c.autoencoder.decoder_uses_observables = False  # decoder input = closure (+ observables)
+    c.autoencoder.lambda_cond = 1e-6  # weight of L_cond = E(kappa(J J^T) - 1)^2; >= 0
+    c.autoencoder.cond_rows = "all"  # rows of J in L_cond: "all" or "closure"
+    # "linear_first_layer" (J = J_rest W1, J never formed) or "generic" (full jacrev).
+    c.autoencoder.jacobian = "linear_first_layer"
+    c.autoencoder.n_configs = 0  # pool configurations used to train the AE; 0 = all
+    c.autoencoder.epochs = 10
+    c.autoencoder.batch_size = 256
+    c.autoencoder.lr = 1e-4  # Adam with coupled L2 weight decay (PyTorch Adam)
+    c.autoencoder.weight_decay = 1e-4
+    c.autoencoder.b1 = 0.9
+    c.autoencoder.b2 = 0.95
+    c.autoencoder.log_every = 1
+
+    # ---------------------------------------------------------------- latent model
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "onsagernet"  # "onsagernet" or "mlp"
+    c.model.onsagernet = ml_collections.ConfigDict()
+    # "separate" (reference Predator-Prey: tanh heads, no forcing) or
+    # "shared" (reference Allen-Cahn / LJ: residual trunk, forcing).
+    c.model.onsagernet.variant = "separate"
+    c.model.onsagernet.trunk_widths = ()  # shared trunk (variant "shared" only)
+    c.model.onsagernet.potential_widths = (32, 32, 32)  # potential head (variant "separate")
+    c.model.onsagernet.matrix_widths = (64, 64)  # matrix head hidden widths (variant "separate")
+    c.model.mlp = ml_collections.ConfigDict()
+    c.model.mlp.widths = (256, 256)
+    c.model.mlp.activation = "relu"
+
+    # ---------------------------------------------------------------- latent dynamics (stage 2)
+    c.train = ml_collections.ConfigDict()
+    # Losses to run, each "z" (L_z, all forces), "x" (L_x, all forces) or
+    # "xp:<p>" (L_x,p with a fraction p of the sites per configuration,
+    # drawn uniformly without replacement, weight 1/p).
+    c.train.runs = ("z", "xp:0.2")
+    # Force budget per seed, in site forces (atoms or grid coordinates).
+    # A run uses budget / n_sites configurations (z, x) or budget / k (xp).
+    c.train.budget = 300_000
+    # "offline": labels drawn once per configuration before training;
+    # "online": the jitted step draws sites and computes their forces (xp only).
+    c.train.label_mode = "offline"
+    c.train.seeds = (1, 2, 3)  # one ensemble member per seed, trained in one vmap
+    c.train.epochs = 2000
+    c.train.batch_size = 256
+    c.train.lr = 5e-3
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.patience = 100  # plateau epochs (PyTorch semantics) before lr *= plateau_factor
+    c.train.plateau_factor = 0.5
+    c.train.plateau_rtol = 1e-4
+    c.train.min_lr = 5e-6
+    c.train.log_every = 100
+    # Per-loss overrides of the fields above, e.g. {"z": {"patience": 50}}.
+    c.train.per_loss = ml_collections.ConfigDict()
+    c.train.precompute_chunk = 1024  # configurations per precompute batch (bounds memory)
+
+    # ---------------------------------------------------------------- evaluation
+    c.eval = ml_collections.ConfigDict()
+    c.eval.substeps = 1  # RK4 steps per test frame interval
+    c.eval.plot_trajectory = 0  # test trajectory shown in rollout.png
+
+    # ---------------------------------------------------------------- sweep (experiments/sweep.py)
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.budgets = ()  # force budgets to sweep
+    c.sweep.runs = ()  # losses to sweep, as in train.runs
+    return c

@@ -1,0 +1,105 @@
+"""Safe on-disk formats: nothing is ever unpickled.
+
+* Models: ``equinox.tree_serialise_leaves`` (raw ``.npy`` leaves; loading
+  needs a skeleton built from the config, and ``numpy.load`` refuses pickles).
+* Arrays (data sets): ``.npz`` written with ``allow_pickle=False`` plus a JSON
+  sidecar holding metadata and a SHA-256 of the file, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+
+class DataFileError(RuntimeError):
+    """A data or checkpoint file is missing, corrupt, or from another configuration."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_sidecar(path: str, metadata: dict[str, Any]) -> None:
+    meta = dict(metadata, sha256=_sha256(path))
+    tmp = path + ".json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path + ".json")
+
+
+def _check_sidecar(path: str, expect: dict[str, Any] | None) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise DataFileError(f"{path}: file not found")
+    if not os.path.exists(path + ".json"):
+        raise DataFileError(f"{path}: metadata file {path}.json not found")
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{path}.json: not valid JSON ({e})") from e
+    if meta.get("sha256") != _sha256(path):
+        raise DataFileError(f"{path}: checksum mismatch, the file is corrupt or was modified")
+    for key, value in (expect or {}).items():
+        if json.loads(json.dumps(value, default=str)) != meta.get(key):
+            raise DataFileError(
+                f"{path}: metadata field {key!r} is {meta.get(key)!r}, expected {value!r}; "
+                "the file was made by another configuration (delete it to regenerate)"
+            )
+    return meta
+
+
+def save_arrays(path: str, arrays: dict[str, Any], metadata: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+    _write_sidecar(path, metadata)
+
+
+def load_arrays(path: str, expect: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Loads arrays saved by ``save_arrays`` after checking checksum and ``expect``."""
+    meta = _check_sidecar(path, expect)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError) as e:
+        raise DataFileError(f"{path}: cannot be read as an npz archive ({e})") from e
+    return arrays, meta
+
+
+def save_model(path: str, model, metadata: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    eqx.tree_serialise_leaves(tmp, model)
+    os.replace(tmp, path)
+    _write_sidecar(path, metadata)
+
+
+def load_model(path: str, skeleton, expect: dict[str, Any] | None = None):
+    """Fills ``skeleton`` (a model of the right structure) with the saved leaves."""
+    _check_sidecar(path, expect)
+    try:
+        return eqx.tree_deserialise_leaves(path, skeleton)
+    except Exception as e:  # shape or structure mismatch
+        raise DataFileError(f"{path}: does not match the model built from the config ({e})") from e
+
+
+def versions() -> dict[str, str]:
+    import equinox
+    import optax
+
+    import macro_jax
+
+    return {"jax": jax.__version__, "equinox": equinox.__version__, "optax": optax.__version__,
+            "numpy": np.__version__, "macro_jax": macro_jax.__version__}

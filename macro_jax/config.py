@@ -1,0 +1,121 @@
+"""Reading and checking experiment configs: every bad value names its field."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import ml_collections
+
+from macro_jax.jacobian import JACOBIAN_METHODS
+from macro_jax.losses import LOSSES
+from macro_jax.models.latent import LATENT_MODELS
+from macro_jax.systems.integrators import INTEGRATORS
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the field."""
+
+
+def parse_run(spec: str) -> tuple[str, float]:
+    """``"z"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"`` or ``"xp:1/5"`` -> (xp, 0.2)."""
+    loss, _, p_text = str(spec).partition(":")
+    if loss not in LOSSES:
+        raise ConfigError(f"train.runs entry {spec!r}: loss {loss!r} is not one of {list(LOSSES)}")
+    if loss != "xp":
+        if p_text:
+            raise ConfigError(f"train.runs entry {spec!r}: only 'xp' takes a fraction p")
+        return loss, 1.0
+    try:
+        p = float(Fraction(p_text))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"train.runs entry {spec!r}: p must be a number in (0, 1], e.g. 'xp:0.2' or 'xp:1/5'")
+    if not 0.0 < p <= 1.0:
+        raise ConfigError(f"train.runs entry {spec!r}: p = {p} must be in (0, 1]")
+    return loss, p
+
+
+def subset_size(p: float, n_sites: int, spec: str = "") -> int:
+    """k = p n_sites, which must be a whole number of sites."""
+    k = round(p * n_sites)
+    if k < 1 or abs(k - p * n_sites) > 1e-6 * n_sites:
+        raise ConfigError(f"train.runs entry {spec!r}: p * n_sites = {p * n_sites:g} must be a whole number >= 1")
+    return k
+
+
+def run_settings(config, loss: str) -> ml_collections.ConfigDict:
+    """``config.train`` with the per-loss overrides for ``loss`` applied."""
+    cfg = ml_collections.ConfigDict(config.train.to_dict())
+    overrides = config.train.per_loss.get(loss, None)
+    if overrides:
+        for key, value in dict(overrides).items():
+            if key not in cfg:
+                raise ConfigError(f"train.per_loss.{loss}.{key}: not a field of train")
+            cfg[key] = value
+    return cfg
+
+
+def _require(ok: bool, field: str, value, allowed: str):
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def validate(config, n_observables: int | None = None) -> None:
+    """Raises ``ConfigError`` naming the first field out of range."""
+    d, a, t, m = config.data, config.autoencoder, config.train, config.model
+    for field in ("n_pool_trajectories", "n_test_trajectories", "pool_steps", "test_steps",
+                  "pool_save_every", "test_save_every"):
+        _require(int(d[field]) >= 1, f"data.{field}", d[field], "must be an integer >= 1")
+    for field in ("pool_dt", "test_dt"):
+        _require(float(d[field]) > 0, f"data.{field}", d[field], "must be > 0")
+    for field in ("pool_integrator", "test_integrator"):
+        _require(d[field] in INTEGRATORS, f"data.{field}", d[field], f"must be one of {list(INTEGRATORS)}")
+    _require(d.dtype in ("float32", "float64"), "data.dtype", d.dtype, "must be 'float32' or 'float64'")
+    _require(d.test_steps // d.test_save_every >= 2, "data.test_steps", d.test_steps,
+             "must keep at least 2 test frames (test_steps // test_save_every >= 2)")
+
+    if n_observables is not None:
+        _require(a.latent_dim > n_observables, "autoencoder.latent_dim", a.latent_dim,
+                 f"must exceed the number of observables ({n_observables}) by at least one closure variable")
+    _require(a.lambda_cond >= 0, "autoencoder.lambda_cond", a.lambda_cond, "must be >= 0")
+    _require(a.cond_rows in ("all", "closure"), "autoencoder.cond_rows", a.cond_rows, "must be 'all' or 'closure'")
+    _require(a.jacobian in JACOBIAN_METHODS, "autoencoder.jacobian", a.jacobian, f"must be one of {list(JACOBIAN_METHODS)}")
+    _require(a.bias_init in ("torch", "zeros"), "autoencoder.bias_init", a.bias_init, "must be 'torch' or 'zeros'")
+    _require(len(a.hidden) >= 1 and all(int(w) >= 1 for w in a.hidden), "autoencoder.hidden", a.hidden,
+             "must be a non-empty tuple of positive widths")
+    for field in ("epochs", "batch_size"):
+        _require(int(a[field]) >= 1, f"autoencoder.{field}", a[field], "must be an integer >= 1")
+    _require(a.lr > 0, "autoencoder.lr", a.lr, "must be > 0")
+    _require(a.n_configs >= 0, "autoencoder.n_configs", a.n_configs, "must be >= 0 (0 = all)")
+
+    _require(m.name in LATENT_MODELS, "model.name", m.name, f"must be one of {list(LATENT_MODELS)}")
+    _require(m.onsagernet.variant in ("separate", "shared"), "model.onsagernet.variant", m.onsagernet.variant,
+             "must be 'separate' or 'shared'")
+
+    _require(len(t.runs) >= 1, "train.runs", t.runs, "must name at least one loss")
+    for spec in tuple(t.runs) + tuple(config.sweep.runs):
+        parse_run(spec)
+    _require(t.label_mode in ("offline", "online"), "train.label_mode", t.label_mode, "must be 'offline' or 'online'")
+    if t.label_mode == "online":
+        for spec in t.runs:
+            _require(parse_run(spec)[0] == "xp", "train.label_mode", t.label_mode,
+                     f"'online' needs every train.runs entry to be 'xp:<p>' (got {spec!r})")
+    _require(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", t.seeds,
+             "must be a non-empty tuple of distinct integers")
+    _require(t.budget >= 1, "train.budget", t.budget, "must be a positive number of site forces")
+    for loss in LOSSES:
+        s = run_settings(config, loss)
+        overridden = set(dict(config.train.per_loss.get(loss, None) or {}))
+
+        def name(field):
+            return f"train.per_loss.{loss}.{field}" if field in overridden else f"train.{field}"
+
+        for field in ("epochs", "batch_size"):
+            _require(int(s[field]) >= 1, name(field), s[field], "must be an integer >= 1")
+        _require(s.patience >= 0, name("patience"), s.patience, "must be >= 0")
+        _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
+        _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
+        _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
+    _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
+    for b in config.sweep.budgets:
+        _require(b >= 1, "sweep.budgets", config.sweep.budgets, "must hold positive budgets")

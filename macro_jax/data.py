@@ -1,0 +1,170 @@
+"""Labelling configurations with forces, the per-configuration precompute, and
+normalisation statistics.
+
+Offline labelling pays for forces once: ``L_z``/``L_x`` runs call the full
+calculator, ``L_x,p`` runs draw k sites per configuration (without
+replacement) and call the subset calculator, which evaluates those forces
+only. Every labelling returns a ``ForceAccount``: how many site forces were
+evaluated and the wall-clock seconds spent in the calculator (compile time
+excluded, measured with ``block_until_ready``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+from macro_jax import jacobian
+from macro_jax.systems.base import MicroSystem, sample_sites
+
+
+@dataclasses.dataclass
+class ForceAccount:
+    n_forces: int = 0  # site forces evaluated (atoms, or grid coordinates)
+    seconds: float = 0.0  # wall-clock in the force calculator, compile excluded
+
+    def __iadd__(self, other: "ForceAccount"):
+        self.n_forces += other.n_forces
+        self.seconds += other.seconds
+        return self
+
+
+def _timed(fn, *args):
+    """Compiles ``fn`` ahead of time, then times one call to completion."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - start
+
+
+def label_full(system: MicroSystem, xs) -> tuple[jax.Array, ForceAccount]:
+    """All forces of every configuration in ``xs`` (n, N)."""
+    forces, seconds = _timed(jax.vmap(system.force_fn), xs)
+    return forces, ForceAccount(int(xs.shape[0]) * system.n_sites, seconds)
+
+
+def draw_sites(system: MicroSystem, key, n_configs: int, k: int):
+    """k distinct sites for each of ``n_configs`` configurations, shape (n, k)."""
+    keys = jr.split(key, n_configs)
+    return jax.jit(jax.vmap(lambda kk: sample_sites(kk, system.n_sites, k)))(keys)
+
+
+def label_subset(system: MicroSystem, xs, sites) -> tuple[jax.Array, ForceAccount]:
+    """Forces of the coordinates owned by ``sites`` (n, k) only, shape (n, k * dofs_per_site)."""
+    f_sub, seconds = _timed(jax.vmap(system.subset_force_fn), xs, sites)
+    return f_sub, ForceAccount(int(sites.size), seconds)
+
+
+def _map(fn, *args, chunk):
+    return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
+
+
+def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, sites=None, chunk: int = 256):
+    """Per-configuration arrays the stage-2 loss reads (see ``macro_jax.losses``).
+
+    ``labels`` are full forces (n, N) for ``z``/``x`` and subset forces
+    (n, k * dofs_per_site) for ``xp`` (with ``sites`` (n, k)).
+    """
+
+    @jax.jit
+    def run(xs, labels, sites):
+        geometry = jacobian.make_geometry_fn(ae, method)
+        if loss == "z":
+            return _map(lambda x, f: {"z": ae.encode(x), "jf": jacobian.jacobian_times(ae, x, f)}, xs, labels, chunk=chunk)
+        if loss == "x":
+
+            def one(x, f):
+                geo = geometry(x, jnp.zeros((0,), jnp.int32))
+                chol = jacobian.cholesky(geo.gram)
+                jf = jacobian.jacobian_times(ae, x, f)
+                pf2 = jnp.sum(f.astype(jnp.float64) ** 2) - jacobian.metric_norm2(chol, jf)
+                return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
+
+            return _map(one, xs, labels, chunk=chunk)
+
+        return _map(lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s), xs, labels, sites, chunk=chunk)
+
+    samples = run(xs, labels, sites if sites is not None else jnp.zeros((xs.shape[0], 0), jnp.int32))
+    check_geometry(samples)
+    return samples
+
+
+def partial_sample(geometry, system: MicroSystem, x, f_sub, sites):
+    """The ``L_x,p`` inputs of one configuration labelled at ``sites``."""
+    geo = geometry(x, system.site_dofs(sites))
+    return {"z": geo.z, "chol": jacobian.cholesky(geo.gram), "cols": geo.cols, "f_sub": f_sub}
+
+
+def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int):
+    """``batch_fn(xs, key)`` for the online mode: inside the jitted step, draw k
+    sites per configuration, evaluate their forces with the subset calculator
+    and build the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
+
+    def batch_fn(xs, key):
+        geometry = jacobian.make_geometry_fn(ae, method)
+
+        def one(x, site_key):
+            sites = sample_sites(site_key, system.n_sites, k)
+            return partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites)
+
+        return jax.vmap(one)(xs, jr.split(key, xs.shape[0]))
+
+    return batch_fn
+
+
+def check_geometry(samples):
+    """Raises if any Gram matrix was not positive definite (rank-deficient J)."""
+    if "chol" in samples:
+        bad = int(np.sum(~np.all(np.isfinite(np.asarray(samples["chol"])), axis=(-2, -1))))
+        if bad:
+            raise FloatingPointError(
+                f"J J^T is not positive definite for {bad} configurations: the encoder Jacobian "
+                "is rank deficient there. Train the autoencoder with a larger "
+                "autoencoder.lambda_cond or check the data."
+            )
+
+
+def latent_statistics(ae, xs, chunk: int = 1024):
+    """Mean and std (ddof 1) of ``z = phi(x)`` over configurations: free, no forces."""
+    zs = jax.jit(lambda xs: jax.lax.map(ae.encode, xs, batch_size=chunk))(xs)
+    return jnp.mean(zs, 0), jnp.std(zs, 0, ddof=1)
+
+
+def partial_rate_moments(system: MicroSystem, samples):
+    """Per-configuration unbiased estimates of ``J f`` and ``(J f)^2`` from k sites.
+
+    ``T = (n_sites / k) sum_{s in I} c_s`` (``c_s`` the contribution of site s
+    to ``J f``) is unbiased for ``J f``, and ``T^2 - n_sites^2 (1 - k/n_sites)
+    s_c^2 / k`` (``s_c^2`` the sample variance of the ``c_s``) is unbiased for
+    ``(J f)^2`` under uniform sampling without replacement.
+    """
+    n, k = system.n_sites, samples["f_sub"].shape[-1] // system.dofs_per_site
+    cols = samples["cols"].astype(jnp.float64)  # (B, d, k * dofs)
+    f_sub = samples["f_sub"].astype(jnp.float64)
+    c = (cols * f_sub[:, None, :]).reshape(cols.shape[0], cols.shape[1], k, system.dofs_per_site).sum(-1)
+    total = (n / k) * c.sum(-1)  # (B, d)
+    spread = jnp.var(c, -1, ddof=1) if k > 1 else jnp.zeros_like(total)
+    return total, total**2 - n**2 * (1.0 - k / n) * spread / k
+
+
+def rate_statistics(system: MicroSystem, loss: str, samples):
+    """Mean and std of the latent rate ``J f`` from what the run's labels allow.
+
+    With all forces these are the sample statistics of ``J f``; with partial
+    labels they come from ``partial_rate_moments``, never from a full force.
+    """
+    if loss in ("z", "x"):
+        jf = samples["jf"].astype(jnp.float64)
+        mean, var = jnp.mean(jf, 0), jnp.var(jf, 0, ddof=1)
+    else:
+        total, second = partial_rate_moments(system, samples)
+        mean = jnp.mean(total, 0)
+        var = jnp.mean(second, 0) - mean**2
+        # Sampling noise can push the estimate below zero for tiny data sets.
+        var = jnp.maximum(var, 1e-6 * jnp.mean(total**2, 0))
+    return mean.astype(jnp.float32), jnp.sqrt(var).astype(jnp.float32)

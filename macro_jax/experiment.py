@@ -1,0 +1,303 @@
+"""End-to-end experiments: data, autoencoder, labelled data, ensembles, rollouts.
+
+``train_and_evaluate(config, workdir)`` runs every loss of ``config.train.runs``
+at ``config.train.budget`` and writes, under ``workdir``::
+
+    config.json            the run's config
+    data/pool.npz, data/test.npz          trajectories (+ .json metadata, checksums)
+    autoencoder/model.eqx  stage-1 weights (+ .json), history.json
+    runs/<run>/members.eqx latent members (+ .json), history.npz, result.json
+    results.json           one object per loss
+    rollout.png            one test trajectory: truth vs each loss
+    table.txt              the printed result table
+
+Everything is reused on a second call when its metadata matches the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from absl import logging
+
+from macro_jax import checkpoint, data, eval as evaluation, losses, train
+from macro_jax.config import parse_run, run_settings, subset_size, validate
+from macro_jax.models import Autoencoder, make_latent_model
+from macro_jax.systems import MicroSystem, Trajectories, make_system
+
+
+class Prepared(NamedTuple):
+    system: MicroSystem
+    ae: Autoencoder
+    pool_xs: jax.Array  # (n_configs, N), trajectory-major
+    test: Trajectories
+    z_mean: jax.Array
+    z_std: jax.Array
+
+
+# ---------------------------------------------------------------- data and autoencoder
+
+
+def _trajectories(config, system, workdir, split: str) -> Trajectories:
+    d = config.data
+    n_traj = d[f"n_{split}_trajectories"]
+    spec = {
+        "system": config.system.to_dict(),
+        "n_trajectories": n_traj,
+        "integrator": d[f"{split}_integrator"],
+        "dt": d[f"{split}_dt"],
+        "n_steps": d[f"{split}_steps"],
+        "save_every": d[f"{split}_save_every"],
+        "dtype": d.dtype,
+        "seed": config.seed,
+    }
+    path = os.path.join(workdir, "data", f"{split}.npz")
+    if os.path.exists(path):
+        arrays, _ = checkpoint.load_arrays(path, expect={"spec": spec})
+        logging.info("loaded %s trajectories from %s", split, path)
+        return Trajectories(jnp.asarray(arrays["times"]), jnp.asarray(arrays["xs"]), None)
+    key = jr.fold_in(jr.PRNGKey(config.seed), {"pool": 0, "test": 1}[split])
+    start = time.perf_counter()
+    traj = system.trajectory_fn(
+        key, n_traj, dt=spec["dt"], n_steps=spec["n_steps"], save_every=spec["save_every"],
+        integrator=spec["integrator"], dtype=jnp.dtype(d.dtype),
+    )
+    jax.block_until_ready(traj.xs)
+    seconds = time.perf_counter() - start
+    logging.info("simulated %d %s trajectories (%s frames) in %.1fs", n_traj, split, traj.xs.shape[1], seconds)
+    # Forces are not stored: labels are computed by the force calculator at labelling time.
+    checkpoint.save_arrays(path, {"times": traj.times, "xs": traj.xs},
+                           {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
+    return Trajectories(traj.times, traj.xs, None)
+
+
+def _make_autoencoder(config, system, key) -> Autoencoder:
+    a = config.autoencoder
+    return Autoencoder(
+        system.n_dof, system.n_observables, a.latent_dim - system.n_observables, tuple(a.hidden), a.activation,
+        system.observable_fn, decoder_uses_observables=a.decoder_uses_observables, bias_init=a.bias_init, key=key,
+    )
+
+
+def _autoencoder(config, system, pool_xs, workdir) -> Autoencoder:
+    key = jr.fold_in(jr.PRNGKey(config.seed), 2)
+    init_key, shuffle_key = jr.split(key)
+    skeleton = _make_autoencoder(config, system, init_key)
+    path = os.path.join(workdir, "autoencoder", "model.eqx")
+    spec = {"system": config.system.to_dict(), "autoencoder": config.autoencoder.to_dict(),
+            "data": config.data.to_dict(), "seed": config.seed}
+    if os.path.exists(path):
+        logging.info("loaded autoencoder from %s", path)
+        return checkpoint.load_model(path, skeleton, expect={"spec": spec})
+    n = config.autoencoder.n_configs or pool_xs.shape[0]
+    start = time.perf_counter()
+    ae, history = train.train_autoencoder(skeleton, pool_xs[:n], config.autoencoder, shuffle_key)
+    seconds = time.perf_counter() - start
+    checkpoint.save_model(path, ae, {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
+    _write_json(os.path.join(workdir, "autoencoder", "history.json"),
+                {k: v.tolist() for k, v in history.items()} | {"seconds": seconds})
+    return ae
+
+
+def prepare(config, workdir) -> Prepared:
+    """Builds the system, loads or makes the trajectories, loads or trains the AE."""
+    system = make_system(config.system)
+    validate(config, system.n_observables)
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    pool = _trajectories(config, system, workdir, "pool")
+    test = _trajectories(config, system, workdir, "test")
+    pool_xs = pool.xs.reshape(-1, system.n_dof)  # trajectory-major
+    ae = _autoencoder(config, system, pool_xs, workdir)
+    z_mean, z_std = data.latent_statistics(ae, pool_xs)
+    return Prepared(system, ae, pool_xs, test, z_mean, z_std)
+
+
+# ---------------------------------------------------------------- one loss at one budget
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> dict:
+    """Trains one ensemble (a member per seed) with one loss at one force budget.
+
+    Each member is an independent experiment with the whole budget: its own
+    initialisation and, for ``L_x,p``, its own subsets. Force counts and
+    seconds are per member.
+    """
+    loss, p = parse_run(spec)
+    system, ae = prep.system, prep.ae
+    cfg = run_settings(config, loss)
+    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
+    n = int(budget // k)
+    if n < 1 or n > prep.pool_xs.shape[0]:
+        raise ValueError(
+            f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
+            f"{prep.pool_xs.shape[0]} (data.n_pool_trajectories) and at least 1 is needed"
+        )
+    name = f"{spec.replace(':', '_p')}_budget{budget}"
+    logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
+    xs = prep.pool_xs[:n]
+    seeds = tuple(cfg.seeds)
+    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in seeds)))
+    nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, ae.latent_dim, key=kk))(init_keys)
+    method = config.autoencoder.jacobian
+    chunk = config.train.precompute_chunk
+    n_members = len(seeds)
+    batch_fn = None
+    if loss in ("z", "x"):
+        forces, account = data.label_full(system, xs)
+        samples = data.precompute(ae, method, system, loss, xs, forces, chunk=chunk)
+        rate_mean, rate_std = data.rate_statistics(system, loss, samples)
+        per_member = False
+        stats = tuple(jnp.broadcast_to(s, (n_members, *s.shape)) for s in (prep.z_mean, prep.z_std, rate_mean, rate_std))
+        n_forces, force_seconds = account.n_forces, account.seconds
+    else:
+        member_samples, member_stats, accounts = [], [], []
+        for key in label_keys:
+            sites = data.draw_sites(system, key, n, k)
+            f_sub, account = data.label_subset(system, xs, sites)
+            s = data.precompute(ae, method, system, loss, xs, f_sub, sites, chunk=chunk)
+            member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
+            member_samples.append(s)
+            accounts.append(account)
+        stats = _stack(member_stats)
+        n_forces = accounts[0].n_forces
+        force_seconds = float(np.mean([a.seconds for a in accounts]))
+        if cfg.label_mode == "online":
+            # The labels above only set the normalisation; training draws fresh
+            # sites and computes their forces inside the jitted step.
+            samples, per_member = xs, False
+            batch_fn = data.make_online_batch_fn(system, ae, method, k)
+            n_forces += cfg.epochs * n * k
+            force_seconds += cfg.epochs * _online_force_seconds(system, xs, k, cfg.batch_size, n)
+        else:
+            samples, per_member = _stack(member_samples), True
+    sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
+    start = time.perf_counter()
+    nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
+                                         per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ")
+    train_seconds = time.perf_counter() - start
+    errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.xs, prep.test.times,
+                                                              substeps=config.eval.substeps)
+    member_errors = np.asarray(jnp.mean(errors, axis=1), dtype=np.float64)
+    result = {
+        "loss": losses.LOSS_NAMES[loss],
+        "run": spec,
+        "p": p,
+        "sites_per_config": k,
+        "budget": int(budget),
+        "n_configs": n,
+        "n_force_computations": int(n_forces),
+        "force_seconds": float(force_seconds),
+        "label_mode": cfg.label_mode if loss == "xp" else "offline",
+        "seeds": list(seeds),
+        "test_errors": member_errors.tolist(),
+        "test_error_mean": float(np.mean(member_errors)),
+        "test_error_std": float(np.std(member_errors)),
+        "n_failed_rollouts": int(np.sum(~np.isfinite(np.asarray(errors)))),
+        "train_seconds": train_seconds,
+        "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
+    }
+    run_dir = os.path.join(workdir, "runs", name)
+    checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
+                          {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
+    np.savez(os.path.join(run_dir, "history.npz"), **history)
+    _write_json(os.path.join(run_dir, "result.json"), result)
+    logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
+    result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(true_obs)
+    return result
+
+
+def _online_force_seconds(system, xs, k, batch_size, n) -> float:
+    """Seconds the subset calculator spends per online epoch, timed outside the step."""
+    xb = xs[: min(batch_size, n)]
+    sites = data.draw_sites(system, jr.PRNGKey(0), xb.shape[0], k)
+    _, account = data.label_subset(system, xb, sites)
+    return account.seconds * (n / xb.shape[0])
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def format_table(results: list[dict]) -> str:
+    header = f"{'loss':<16} {'configurations':>14} {'force computations':>19} {'force seconds':>14}  test error (mean ± std over seeds)"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        label = r["loss"] + (f" (p={r['p']:g})" if r["loss"] == "L_x,p" else "")
+        lines.append(
+            f"{label:<16} {r['n_configs']:>14,d} {r['n_force_computations']:>19,d} {r['force_seconds']:>14.4f}  "
+            f"{r['test_error_mean']:.3e} ± {r['test_error_std']:.2e}"
+        )
+    return "\n".join(lines)
+
+
+def plot_rollout(results: list[dict], times, path: str, trajectory: int, observable_names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    true_obs = results[0]["_true_obs"][trajectory]
+    n_obs = true_obs.shape[-1]
+    fig, axes = plt.subplots(1, n_obs, figsize=(5 * n_obs, 3.6), squeeze=False)
+    t = np.asarray(times)
+    for j, ax in enumerate(axes[0]):
+        ax.plot(t, true_obs[:, j], "k-", lw=2.5, label="truth (microscopic)")
+        for r in results:
+            label = r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
+            ax.plot(t, r["_pred_obs"][0, trajectory, :, j], "--", lw=1.5, label=f"{label} (seed {r['seeds'][0]})")
+        ax.set_xlabel("t")
+        ax.set_ylabel(observable_names[j] if j < len(observable_names) else f"z*_{j}")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"test trajectory {trajectory}: latent rollout vs truth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+OBSERVABLE_NAMES = {"predator_prey": ("mean u (prey)", "mean v (predator)")}
+
+
+def train_and_evaluate(config, workdir: str) -> list[dict]:
+    """Runs every loss of ``config.train.runs`` at ``config.train.budget``; see module doc."""
+    prep = prepare(config, workdir)
+    results = [run_loss(prep, config, spec, config.train.budget, workdir) for spec in config.train.runs]
+    _write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
+    table = format_table(results)
+    with open(os.path.join(workdir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    plot_rollout(results, prep.test.times, os.path.join(workdir, "rollout.png"), config.eval.plot_trajectory,
+                 OBSERVABLE_NAMES.get(config.system.name, ()))
+    return results
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
+
+
+def _json_default(o):
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    return str(o)

@@ -1,0 +1,111 @@
+"""The encoder Jacobian ``J = d phi / d x`` (d x N) without ever forming ``J^+``.
+
+Everything the losses need from J, per configuration:
+
+* the Gram matrix ``G = J J^T`` (d x d), formed in float64, and its Cholesky
+  factor, so ``(J^+ g)_I = J[:, I]^T G^{-1} g`` is a d x d solve;
+* the column block ``J[:, I]`` (d x |I|) at the coordinates with labels;
+* ``J f`` (a jvp) for losses with every force.
+
+Two ways to get G and ``J[:, I]``:
+
+* ``"generic"``: the full d x N Jacobian by ``jax.jacrev``; any encoder.
+* ``"linear_first_layer"``: the closure network starts with ``h1 = W1 x + b1``,
+  so its rows are ``J_rest(x) W1`` with ``J_rest`` only (closure x width). Then
+  ``G = [[A A^T, A W1^T R^T], [R W1 A^T, R (W1 W1^T) R^T]]`` with ``A`` the
+  observables' Jacobian and ``R = J_rest``, and ``J[:, I] = [A[:, I]; R W1[:, I]]``.
+  ``W1 W1^T`` is computed once per call, outside the per-sample map; the
+  closure rows of J are never formed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import cho_solve
+
+from macro_jax.models.autoencoder import Autoencoder
+
+JACOBIAN_METHODS = ("generic", "linear_first_layer")
+F64 = jnp.float64
+
+
+class Geometry(NamedTuple):
+    """Per-configuration encoder geometry (leading batch axes allowed)."""
+
+    z: jax.Array  # (d,) float32 latent
+    gram: jax.Array  # (d, d) float64, J J^T
+    cols: jax.Array  # (d, k) float32, J[:, dofs]
+
+
+def make_geometry_fn(ae: Autoencoder, method: str) -> Callable[[jax.Array, jax.Array], Geometry]:
+    """Returns ``geometry(x, dofs) -> Geometry`` for single configurations.
+
+    Call it inside the jitted region that maps over configurations, so that
+    the per-parameter work (``W1 W1^T``) is traced once per call.
+    """
+    if method == "generic":
+
+        def geometry(x, dofs):
+            z = ae.encode(x)
+            jac = jax.jacrev(ae.encode)(x)
+            jac64 = jac.astype(F64)
+            return Geometry(z, jac64 @ jac64.T, jac[:, dofs])
+
+        return geometry
+
+    if method == "linear_first_layer":
+        first = ae.encoder.layers[0]
+        w1 = first.weight  # (width, N)
+        w1_64 = w1.astype(F64)
+        w1w1t = w1_64 @ w1_64.T  # (width, width), once per parameter set
+
+        def geometry(x, dofs):
+            obs = ae.observable_fn(x).astype(jnp.float32)
+            a = jax.jacrev(ae.observable_fn)(x).astype(F64)  # (d*, N)
+            h1 = first(x)
+            closure = ae.encoder.tail(h1)
+            r = jax.jacrev(ae.encoder.tail)(h1).astype(F64)  # (c, width)
+            a_w1t = a @ w1_64.T  # (d*, width)
+            g_oo = a @ a.T
+            g_oc = a_w1t @ r.T
+            g_cc = r @ w1w1t @ r.T
+            gram = jnp.block([[g_oo, g_oc], [g_oc.T, g_cc]])
+            cols = jnp.concatenate([a[:, dofs], r @ w1_64[:, dofs]]).astype(jnp.float32)
+            return Geometry(jnp.concatenate([obs, closure]), gram, cols)
+
+        return geometry
+
+    raise ValueError(f"autoencoder.jacobian={method!r} is not one of {list(JACOBIAN_METHODS)}")
+
+
+def cholesky(gram: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of a float64 Gram matrix (NaN if not positive definite)."""
+    return jnp.linalg.cholesky(gram.astype(F64))
+
+
+def pinv_rows(chol: jax.Array, cols: jax.Array, g: jax.Array) -> jax.Array:
+    """``(J^+ g)_I = J[:, I]^T G^{-1} g`` from the Cholesky factor of G, in float64."""
+    y = cho_solve((chol, True), g.astype(F64))
+    return cols.astype(F64).T @ y
+
+
+def metric_norm2(chol: jax.Array, r: jax.Array) -> jax.Array:
+    """``r^T G^{-1} r`` in float64."""
+    y = jax.scipy.linalg.solve_triangular(chol, r.astype(F64), lower=True)
+    return jnp.sum(y**2)
+
+
+def jacobian_times(ae: Autoencoder, x: jax.Array, f: jax.Array) -> jax.Array:
+    """``J f``: the exact latent rate ``dz/dt`` of a configuration with all forces f."""
+    return jax.jvp(ae.encode, (x,), (f.astype(x.dtype),))[1]
+
+
+def condition_number(gram: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """``lambda_max / lambda_min`` of G (restricted to ``rows``) by ``eigvalsh``: cond(J)^2."""
+    if rows is not None:
+        gram = gram[rows][:, rows]
+    eig = jnp.linalg.eigvalsh(gram.astype(F64))
+    return eig[-1] / eig[0]

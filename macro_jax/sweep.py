@@ -1,0 +1,115 @@
+"""Error versus force budget: every (budget, loss) of ``config.sweep``.
+
+Runs are resumable: a run whose ``runs/<name>/result.json`` exists under the
+workdir (made with the same settings) is read, not retrained. So the grid can
+be split over processes sharing one workdir (``--config.sweep.runs=...``),
+and a last call over the whole grid only collects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import logging
+
+from macro_jax import experiment
+from macro_jax.config import parse_run, run_settings
+
+# Published Predator-Prey means over 3 seeds (authors' result.csv), keyed by
+# force budget (site forces) and run; n-equivalent = budget / 100.
+REFERENCE = {
+    "predator_prey": {
+        "z": {60_000: 1.855e-2, 150_000: 9.58e-3, 300_000: 3.19e-3, 600_000: 1.24e-3, 1_200_000: 1.03e-3, 2_400_000: 7.93e-4},
+        "x": {60_000: 1.087e-2, 150_000: 1.218e-2, 300_000: 2.90e-3, 600_000: 1.24e-3, 1_200_000: 9.20e-4, 2_400_000: 6.76e-4},
+        "xp:0.25": {60_000: 3.50e-3, 150_000: 2.19e-3, 300_000: 1.23e-3, 600_000: 9.08e-4, 1_200_000: 7.66e-4, 2_400_000: 5.64e-4},
+        "xp:0.2": {60_000: 4.00e-3, 150_000: 1.92e-3, 300_000: 1.34e-3, 600_000: 1.13e-3, 1_200_000: 8.36e-4, 2_400_000: 5.70e-4},
+    }
+}
+E_TOL = 3e-3
+
+
+def _settings(config, spec) -> dict:
+    loss, _ = parse_run(spec)
+    return {"train": run_settings(config, loss).to_dict(), "model": config.model.to_dict(),
+            "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
+
+
+def run_sweep(config, workdir: str) -> list[dict]:
+    prep = None
+    results = []
+    for budget in config.sweep.budgets:
+        for spec in config.sweep.runs:
+            name = f"{spec.replace(':', '_p')}_budget{budget}"
+            path = os.path.join(workdir, "runs", name, "result.json")
+            settings = json.loads(json.dumps(_settings(config, spec), default=str))
+            if os.path.exists(path):
+                with open(path) as f:
+                    result = json.load(f)
+                if result.get("settings") != settings:
+                    raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
+                logging.info("%s: reusing %s", name, path)
+            else:
+                prep = prep or experiment.prepare(config, workdir)
+                result = experiment.public(experiment.run_loss(prep, config, spec, budget, workdir))
+                result["settings"] = settings
+                experiment._write_json(path, result)
+            results.append(result)
+    return results
+
+
+def rows(results: list[dict]) -> list[dict]:
+    """One object per (loss, p, budget, seed), as committed in docs/results/."""
+    out = []
+    for r in results:
+        for seed, err in zip(r["seeds"], r["test_errors"]):
+            out.append({"loss": r["loss"], "p": r["p"], "budget": r["budget"], "seed": seed, "test_error": err,
+                        "n_configs": r["n_configs"], "n_force_computations": r["n_force_computations"]})
+    return out
+
+
+def table(results: list[dict], system: str) -> str:
+    ref = REFERENCE.get(system, {})
+    lines = ["| budget (n-equiv) | loss | ours: test error (mean ± std over seeds) | reference | ours / reference |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        label = r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
+        ref_value = ref.get(r["run"], {}).get(r["budget"])
+        ratio = f"{r['test_error_mean'] / ref_value:.2f}" if ref_value else "–"
+        ref_text = f"{ref_value:.2e}" if ref_value else "–"
+        lines.append(f"| {r['budget']:.1e} ({r['budget'] // 100}) | {label} | {r['test_error_mean']:.2e} ± "
+                     f"{r['test_error_std']:.1e} | {ref_text} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], system: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = REFERENCE.get(system, {})
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    specs = list(dict.fromkeys(r["run"] for r in results))
+    for i, spec in enumerate(specs):
+        rs = sorted((r for r in results if r["run"] == spec), key=lambda r: r["budget"])
+        label = rs[0]["loss"] + (f" p={rs[0]['p']:g}" if rs[0]["loss"] == "L_x,p" else "")
+        b = np.array([r["budget"] for r in rs], float)
+        m = np.array([r["test_error_mean"] for r in rs])
+        s = np.array([r["test_error_std"] for r in rs])
+        line = ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=f"ours: {label}")
+        if spec in ref:
+            rb = sorted(ref[spec])
+            ax.plot(rb, [ref[spec][k] for k in rb], ":", marker="x", color=line[0].get_color(), alpha=0.7,
+                    label=f"reference: {label}")
+    ax.axhline(E_TOL, color="grey", ls="--", lw=1, label="e_tol = 3e-3")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("force budget (site forces per seed)")
+    ax.set_ylabel("relative test error (true trajectories)")
+    ax.set_title(f"{system}: error vs force budget")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,17 @@
+"""Microscopic systems: one protocol (``MicroSystem``), one factory per system."""
+
+from macro_jax.systems.base import MicroSystem, Trajectories, sample_sites
+from macro_jax.systems.predator_prey import make_predator_prey
+
+_FACTORIES = {"predator_prey": make_predator_prey}
+
+
+def make_system(system_config) -> MicroSystem:
+    """Builds the system named by ``system_config.name`` from its ``params``."""
+    name = system_config.name
+    if name not in _FACTORIES:
+        raise ValueError(f"system.name={name!r} is not one of {sorted(_FACTORIES)}")
+    return _FACTORIES[name](**dict(system_config.params))
+
+
+__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "make_predator_prey"]

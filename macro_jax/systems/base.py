@@ -1,0 +1,100 @@
+"""The one protocol every microscopic system implements.
+
+A microscopic system is an ODE ``dx/dt = f(x)`` with ``x`` in R^N. Its
+coordinates are grouped into *sites*: the units whose forces a calculator
+evaluates together and that the force budget counts (a grid point of a PDE,
+an atom of a particle system). A site owns ``dofs_per_site`` coordinates of
+``x``; for a PDE with one field that is 1, for an atom it is 6 (position and
+velocity, whose rates are velocity and force / mass).
+
+A system is a frozen bundle of pure functions built by a ``make_*`` factory:
+
+* ``force_fn(x) -> f``: every force, shape (N,).
+* ``subset_force_fn(x, sites) -> f_I``: the forces of the coordinates owned by
+  ``sites`` (shape (k,) of int), laid out as ``f[site_dofs(sites)]``. Its cost
+  must be O(k): it gathers only the neighbours the chosen sites depend on. A
+  calculator that evaluates every force and slices defeats the method.
+* ``observable_fn(x) -> z*``: the fixed macroscopic observables, shape (d*,).
+* ``site_dofs(sites) -> idx``: the coordinates of ``x`` that ``sites`` own.
+* ``trajectory_fn(key, n) -> Trajectories``: n microscopic trajectories from
+  the system's distribution of initial conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+class Trajectories(NamedTuple):
+    """Microscopic trajectories stored at ``times``.
+
+    ``xs`` has shape (n_traj, n_times, N) and ``forces`` the same: the exact
+    right-hand side ``f(x)`` at each stored configuration (never an
+    integrator's averaged slope).
+    """
+
+    times: Float[Array, " n_times"]
+    xs: Float[Array, "n_traj n_times N"]
+    forces: Float[Array, "n_traj n_times N"]
+
+
+class ForceFn(Protocol):
+    def __call__(self, x: Float[Array, " N"]) -> Float[Array, " N"]: ...
+
+
+class SubsetForceFn(Protocol):
+    def __call__(self, x: Float[Array, " N"], sites: Int[Array, " k"]) -> Float[Array, " kd"]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroSystem:
+    """A microscopic system: static sizes plus pure functions (see module doc)."""
+
+    name: str
+    n_dof: int
+    n_sites: int
+    dofs_per_site: int
+    n_observables: int
+    force_fn: ForceFn
+    subset_force_fn: SubsetForceFn
+    observable_fn: Callable[[Float[Array, " N"]], Float[Array, " d_obs"]]
+    site_dofs: Callable[[Int[Array, " k"]], Int[Array, " kd"]]
+    trajectory_fn: Callable[..., Trajectories]
+
+    def __post_init__(self):
+        if self.n_sites * self.dofs_per_site != self.n_dof:
+            raise ValueError(
+                f"{self.name}: n_sites * dofs_per_site = {self.n_sites * self.dofs_per_site} "
+                f"must equal n_dof = {self.n_dof}"
+            )
+
+
+def sample_sites(key: PRNGKeyArray, n_sites: int, k: int) -> Int[Array, " k"]:
+    """k distinct sites drawn uniformly without replacement from range(n_sites).
+
+    Small k uses Robert Floyd's algorithm: k draws and an O(k) membership test
+    each, so O(k^2) work and no O(N log N) permutation of all sites. Once
+    k^2 exceeds N log N a permutation is cheaper and is used instead.
+    The order of the returned sites carries no meaning.
+    """
+    if not 0 < k <= n_sites:
+        raise ValueError(f"subset size k={k} must be in [1, n_sites={n_sites}]")
+    if k * k > n_sites * max(1, n_sites.bit_length()):
+        return jr.permutation(key, n_sites)[:k].astype(jnp.int32)
+
+    draw_keys = jr.split(key, k)
+
+    def body(i, chosen):
+        j = n_sites - k + i  # Floyd: for j in N-k..N-1, draw t in [0, j]
+        t = jr.randint(draw_keys[i], (), 0, j + 1, dtype=jnp.int32)
+        seen = jnp.any(chosen == t)
+        return chosen.at[i].set(jnp.where(seen, j, t))
+
+    chosen = jnp.full((k,), -1, dtype=jnp.int32)
+    return jax.lax.fori_loop(0, k, body, chosen)

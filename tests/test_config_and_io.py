@@ -1,0 +1,113 @@
+"""Bad config values name their field; files on disk are checked, never unpickled."""
+
+import json
+import os
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from configs import predator_prey
+from macro_jax import checkpoint
+from macro_jax.config import ConfigError, parse_run, subset_size, validate
+from macro_jax.models import OnsagerNet
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("train.runs", ("xp:1.5",), "p = 1.5 must be in \\(0, 1\\]"),
+        ("train.runs", ("xp:0",), "must be in \\(0, 1\\]"),
+        ("train.runs", ("xp:-0.2",), "must be in \\(0, 1\\]"),
+        ("train.runs", ("xp:abc",), "p must be a number"),
+        ("train.runs", ("lz",), "loss 'lz' is not one of"),
+        ("model.name", "transformer", "model.name='transformer' is invalid: must be one of \\['mlp', 'onsagernet'\\]"),
+        ("autoencoder.latent_dim", 2, "autoencoder.latent_dim=2 is invalid: must exceed the number of observables \\(2\\)"),
+        ("autoencoder.latent_dim", 1, "autoencoder.latent_dim=1"),
+        ("autoencoder.lambda_cond", -1.0, "autoencoder.lambda_cond"),
+        ("autoencoder.cond_rows", "some", "autoencoder.cond_rows"),
+        ("train.lr", 0.0, "train.lr=0.0 is invalid"),
+        ("train.label_mode", "live", "train.label_mode"),
+        ("train.seeds", (1, 1), "train.seeds"),
+        ("data.pool_integrator", "leapfrog", "data.pool_integrator"),
+        ("model.onsagernet.variant", "C", "model.onsagernet.variant"),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value, match):
+    config = predator_prey.get_config("smoke")
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=match):
+        validate(config, n_observables=2)
+
+
+def test_online_mode_needs_partial_losses():
+    config = predator_prey.get_config("smoke")
+    config.train.label_mode = "online"
+    with pytest.raises(ConfigError, match="'online' needs every train.runs entry to be 'xp:<p>'"):
+        validate(config, 2)
+
+
+def test_per_loss_override_of_unknown_field():
+    config = predator_prey.get_config("smoke")
+    config.train.per_loss = {"z": {"patient": 3}}
+    with pytest.raises(ConfigError, match="train.per_loss.z.patient"):
+        validate(config, 2)
+
+
+def test_parse_run_and_subset_size():
+    assert parse_run("xp:1/5") == ("xp", 0.2)
+    assert parse_run("z") == ("z", 1.0)
+    assert subset_size(0.2, 100) == 20 and subset_size(0.33, 100) == 33
+    with pytest.raises(ConfigError, match="whole number"):
+        subset_size(0.333, 100, "xp:0.333")
+
+
+def test_shipped_configs_validate():
+    for variant in ("", "quick", "smoke"):
+        validate(predator_prey.get_config(variant), n_observables=2)
+    with pytest.raises(ValueError, match="unknown predator_prey config variant"):
+        predator_prey.get_config("huge")
+
+
+def test_arrays_round_trip_and_detect_corruption(tmp_path):
+    path = str(tmp_path / "d.npz")
+    checkpoint.save_arrays(path, {"xs": np.arange(6.0).reshape(2, 3)}, {"spec": {"n": 2}})
+    arrays, meta = checkpoint.load_arrays(path, expect={"spec": {"n": 2}})
+    np.testing.assert_array_equal(arrays["xs"], np.arange(6.0).reshape(2, 3))
+    with pytest.raises(checkpoint.DataFileError, match="metadata field 'spec'"):
+        checkpoint.load_arrays(path, expect={"spec": {"n": 3}})
+    with open(path, "r+b") as f:  # flip bytes in the middle of the archive
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\x00\xff\x00\xff")
+    with pytest.raises(checkpoint.DataFileError, match="checksum mismatch"):
+        checkpoint.load_arrays(path)
+    with pytest.raises(checkpoint.DataFileError, match="file not found"):
+        checkpoint.load_arrays(str(tmp_path / "missing.npz"))
+
+
+def test_pickled_array_is_refused(tmp_path):
+    """A .npz holding an object array (a pickle) is rejected even with a valid checksum."""
+    path = str(tmp_path / "evil.npz")
+    np.savez(path, xs=np.array([{"a": 1}], dtype=object))
+    checkpoint._write_sidecar(path, {})
+    with pytest.raises(checkpoint.DataFileError, match="cannot be read"):
+        checkpoint.load_arrays(path)
+
+
+def test_model_round_trip_and_mismatch(tmp_path):
+    path = str(tmp_path / "m.eqx")
+    net = OnsagerNet(4, variant="separate", key=jr.PRNGKey(0))
+    checkpoint.save_model(path, net, {"run": "z"})
+    loaded = checkpoint.load_model(path, OnsagerNet(4, variant="separate", key=jr.PRNGKey(1)), expect={"run": "z"})
+    z = jnp.ones(4, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(loaded(0.0, z)), np.asarray(net(0.0, z)))
+    with pytest.raises(checkpoint.DataFileError, match="does not match the model"):
+        checkpoint.load_model(path, OnsagerNet(5, variant="separate", key=jr.PRNGKey(1)))
+    with open(path + ".json") as f:
+        assert json.load(f)["run"] == "z"

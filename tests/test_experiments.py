@@ -1,0 +1,110 @@
+"""Smoke runs of every config end to end; determinism; the evaluation metric."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import predator_prey
+from macro_jax import eval as evaluation
+from macro_jax import experiment, sweep
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RESULT_KEYS = {"loss", "n_configs", "n_force_computations", "force_seconds", "test_error_mean", "test_error_std"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pp_smoke"))
+    config = predator_prey.get_config("smoke")
+    return workdir, config, experiment.train_and_evaluate(config, workdir)
+
+
+def test_smoke_run_writes_everything(smoke_run):
+    workdir, config, results = smoke_run
+    for name in ("config.json", "results.json", "rollout.png", "table.txt", "autoencoder/model.eqx"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    with open(os.path.join(workdir, "results.json")) as f:
+        saved = json.load(f)
+    assert [r["loss"] for r in saved] == ["L_z", "L_x", "L_x,p"]
+    for r in saved:
+        assert RESULT_KEYS <= set(r)
+        assert np.isfinite(r["test_error_mean"]) and r["test_error_mean"] > 0
+        # equal force budget: configurations x sites with forces
+        assert r["n_force_computations"] == config.train.budget == r["n_configs"] * r["sites_per_config"]
+        assert r["force_seconds"] > 0
+    assert saved[2]["n_configs"] == 5 * saved[0]["n_configs"]  # p = 1/5
+
+
+def test_same_config_same_numbers(smoke_run, tmp_path):
+    """Determinism on CPU: a fresh workdir reproduces every number."""
+    _, config, results = smoke_run
+    again = experiment.train_and_evaluate(config, str(tmp_path))
+    for a, b in zip(results, again):
+        assert a["test_errors"] == b["test_errors"]
+        assert a["final_train_loss"] == b["final_train_loss"]
+
+
+def test_corrupt_data_file_is_reported(smoke_run, tmp_path):
+    workdir, config, _ = smoke_run
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    with open(os.path.join(copy, "data", "test.npz"), "ab") as f:
+        f.write(b"garbage")
+    from macro_jax.checkpoint import DataFileError
+
+    with pytest.raises(DataFileError, match="test.npz: checksum mismatch"):
+        experiment.prepare(config, copy)
+
+
+def test_sweep_smoke_resumes(tmp_path):
+    config = predator_prey.get_config("smoke")
+    config.train.epochs = 2
+    results = sweep.run_sweep(config, str(tmp_path))
+    assert len(results) == len(config.sweep.budgets) * len(config.sweep.runs)
+    rows = sweep.rows(results)
+    assert {"loss", "p", "budget", "seed", "test_error"} <= set(rows[0])
+    assert sweep.run_sweep(config, str(tmp_path)) == results  # second call only reads
+    config.train.lr = 1e-3
+    with pytest.raises(RuntimeError, match="other settings"):
+        sweep.run_sweep(config, str(tmp_path))
+
+
+def test_relative_error_metric():
+    true = jnp.asarray([[[3.0, 4.0], [3.0, 4.0]]])  # |z| = 5 at both times
+    pred = true + jnp.asarray([[[0.0, 1.0], [0.0, 0.0]]])
+    np.testing.assert_allclose(np.asarray(evaluation.trajectory_errors(pred, true)), [1.0 / 10.0])
+
+
+def test_rollout_of_linear_field_is_exact():
+    rate = -0.7
+    zs = evaluation.rollout(lambda t, z: rate * z, jnp.ones(2), dt=0.1, n_steps=10, substeps=4)
+    np.testing.assert_allclose(np.asarray(zs[:, 0]), np.exp(rate * 0.1 * np.arange(11)), rtol=1e-6)
+
+
+def test_launcher_runs_from_the_command_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config",
+         os.path.join(ROOT, "configs", "predator_prey.py") + ":smoke", "--workdir", str(tmp_path),
+         "--config.train.runs=('z',)", "--config.train.epochs=1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "force computations" in out.stdout and "L_z" in out.stdout
+
+
+def test_launcher_reports_bad_value(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config",
+         os.path.join(ROOT, "configs", "predator_prey.py") + ":smoke", "--workdir", str(tmp_path),
+         "--config.train.runs=('xp:2',)"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode != 0
+    assert "p = 2.0 must be in (0, 1]" in out.stderr

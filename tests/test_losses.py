@@ -1,0 +1,133 @@
+"""Pseudo-inverse rows, the L_x identity, unbiasedness of L_x,p, the AE loss."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from macro_jax import data, jacobian, losses
+from macro_jax.models import Autoencoder
+from macro_jax.systems import make_predator_prey, sample_sites
+
+
+@pytest.fixture(scope="module")
+def setup():
+    system = make_predator_prey()
+    ae = Autoencoder(system.n_dof, 2, 2, (32, 32), "softplus", system.observable_fn,
+                     decoder_uses_observables=True, bias_init="torch", key=jr.PRNGKey(0))
+    traj = system.trajectory_fn(jr.PRNGKey(1), 3, n_steps=300, save_every=30)
+    xs = traj.xs.reshape(-1, system.n_dof)
+    fs = traj.forces.reshape(-1, system.n_dof)
+    return system, ae, xs, fs
+
+
+def _field(key, d=4):
+    """A smooth nonlinear stand-in for g_theta."""
+    w = jr.normal(key, (d, d)) * 0.3
+    return lambda t, z, args=None: jnp.tanh(w @ z) - 0.1 * z
+
+
+def test_fast_path_equals_generic_path(setup):
+    system, ae, xs, _ = setup
+    dofs = jnp.asarray([3, 50, 99, 7], jnp.int32)
+    generic = jacobian.make_geometry_fn(ae, "generic")
+    fast = jacobian.make_geometry_fn(ae, "linear_first_layer")
+    for x in xs[:4]:
+        a, b = generic(x, dofs), fast(x, dofs)
+        np.testing.assert_allclose(np.asarray(a.z), np.asarray(b.z), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(a.gram), np.asarray(b.gram), rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(a.cols), np.asarray(b.cols), rtol=1e-5, atol=1e-8)
+
+
+def test_pinv_rows_match_numpy_pinv(setup):
+    system, ae, xs, _ = setup
+    x = xs[5]
+    g = jr.normal(jr.PRNGKey(2), (4,))
+    dofs = jnp.asarray([0, 10, 60, 99], jnp.int32)
+    geo = jacobian.make_geometry_fn(ae, "linear_first_layer")(x, dofs)
+    rows = jacobian.pinv_rows(jacobian.cholesky(geo.gram), geo.cols, g)
+    jac = np.asarray(jax.jacrev(ae.encode)(x), np.float64)
+    expected = (np.linalg.pinv(jac) @ np.asarray(g, np.float64))[np.asarray(dofs)]
+    np.testing.assert_allclose(np.asarray(rows), expected, rtol=2e-5, atol=1e-8)
+
+
+def test_lx_identity_projection_plus_metric(setup):
+    """|f - J^+ g|^2 = |P f|^2 + (Jf - g)^T (J J^T)^-1 (Jf - g), with J from the encoder."""
+    system, ae, xs, fs = setup
+    x, f = xs[7], fs[7]
+    g = np.asarray(jr.normal(jr.PRNGKey(3), (4,)), np.float64)
+    jac = np.asarray(jax.jacrev(ae.encode)(x), np.float64)
+    f64 = np.asarray(f, np.float64)
+    pinv = np.linalg.pinv(jac)
+    lhs = np.sum((f64 - pinv @ g) ** 2)
+    proj = f64 - pinv @ (jac @ f64)
+    r = jac @ f64 - g
+    rhs = np.sum(proj**2) + r @ np.linalg.solve(jac @ jac.T, r)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
+    # and our float64 L_x (precomputed |Pf|^2 + metric norm) equals the same number
+    samples = data.precompute(ae, "linear_first_layer", system, "x", xs[7:8], fs[7:8])
+    field = lambda t, z, args=None: jnp.asarray(g, jnp.float32)
+    ours = losses.loss_x(field, jax.tree_util.tree_map(lambda a: a[0], samples))
+    np.testing.assert_allclose(float(ours), np.sum((f64 - pinv @ np.asarray(g, np.float32)) ** 2), rtol=1e-4)
+
+
+def test_lxp_with_every_site_equals_lx(setup):
+    system, ae, xs, fs = setup
+    field = _field(jr.PRNGKey(4))
+    every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
+    sx = data.precompute(ae, "linear_first_layer", system, "x", xs[:4], fs[:4])
+    sp = data.precompute(ae, "linear_first_layer", system, "xp", xs[:4], fs[:4], every)
+    lx = jax.vmap(lambda s: losses.loss_x(field, s))(sx)
+    lxp = jax.vmap(lambda s: losses.loss_xp(field, s, 1.0))(sp)
+    np.testing.assert_allclose(np.asarray(lxp), np.asarray(lx), rtol=1e-4)
+
+
+def test_weighted_lxp_is_unbiased_for_lx(setup):
+    """The mean of (N/k)|f_I - (J^+ g)_I|^2 over many random subsets equals L_x."""
+    system, ae, xs, fs = setup
+    field = _field(jr.PRNGKey(5))
+    x, f = xs[3], fs[3]
+    sx = data.precompute(ae, "linear_first_layer", system, "x", x[None], f[None])
+    lx = float(losses.loss_x(field, jax.tree_util.tree_map(lambda a: a[0], sx)))
+    k, n_draws = 20, 4000
+    sites = jax.vmap(lambda kk: sample_sites(kk, system.n_sites, k))(jr.split(jr.PRNGKey(6), n_draws))
+    f_sub = jax.vmap(lambda s: system.subset_force_fn(x, s))(sites)
+    sp = data.precompute(ae, "linear_first_layer", system, "xp", jnp.broadcast_to(x, (n_draws, x.size)), f_sub, sites)
+    vals = np.asarray(jax.vmap(lambda s: losses.loss_xp(field, s, system.n_sites / k))(sp), np.float64)
+    stderr = vals.std(ddof=1) / np.sqrt(n_draws)
+    assert abs(vals.mean() - lx) < 4 * stderr, (vals.mean(), lx, stderr)
+    assert stderr < 0.05 * lx  # the check has power: the estimator is not trivially loose
+
+
+def test_partial_rate_moments_unbiased(setup):
+    """From k sites: E[T] = J f and E[T^2 - correction] = (J f)^2 (within 4 standard errors)."""
+    system, ae, xs, fs = setup
+    x, f = xs[4], fs[4]
+    jf = np.asarray(jacobian.jacobian_times(ae, x, f), np.float64)
+    n_draws = 20000
+    xs_rep = jnp.broadcast_to(x, (n_draws, x.size))
+    sites = data.draw_sites(system, jr.PRNGKey(7), n_draws, 20)
+    f_sub, account = data.label_subset(system, xs_rep, sites)
+    assert account.n_forces == n_draws * 20
+    part = data.precompute(ae, "linear_first_layer", system, "xp", xs_rep, f_sub, sites)
+    total, second = (np.asarray(a) for a in data.partial_rate_moments(system, part))
+    for est, truth in ((total, jf), (second, jf**2)):
+        stderr = est.std(0, ddof=1) / np.sqrt(n_draws)
+        assert np.all(np.abs(est.mean(0) - truth) < 4 * stderr + 1e-12), (est.mean(0), truth, stderr)
+    # the naive second moment T^2 is biased upwards by the subset noise; the correction matters
+    assert np.all((total**2).mean(0) - jf**2 > 4 * (total**2).std(0) / np.sqrt(n_draws))
+
+
+def test_condition_number_and_loss():
+    gram = jnp.diag(jnp.asarray([4.0, 1.0, 2.0], jnp.float64))
+    assert float(jacobian.condition_number(gram)) == pytest.approx(4.0)
+    assert float(jacobian.condition_number(gram, jnp.asarray([1, 2]))) == pytest.approx(2.0)
+    assert float(losses.condition_loss(gram, None)) == pytest.approx(9.0)
+
+
+def test_rank_deficient_jacobian_is_reported(setup):
+    system, ae, xs, fs = setup
+    bad = {"chol": jnp.full((2, 4, 4), jnp.nan)}
+    with pytest.raises(FloatingPointError, match="lambda_cond"):
+        data.check_geometry(bad)
