@@ -16,7 +16,6 @@ Everything is reused on a second call when its metadata matches the config.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -103,7 +102,7 @@ def _autoencoder(config, system, pool_xs, workdir) -> Autoencoder:
     ae, history = train.train_autoencoder(skeleton, pool_xs[:n], config.autoencoder, shuffle_key)
     seconds = time.perf_counter() - start
     checkpoint.save_model(path, ae, {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
-    _write_json(os.path.join(workdir, "autoencoder", "history.json"),
+    write_json(os.path.join(workdir, "autoencoder", "history.json"),
                 {k: v.tolist() for k, v in history.items()} | {"seconds": seconds})
     return ae
 
@@ -113,7 +112,7 @@ def prepare(config, workdir) -> Prepared:
     system = make_system(config.system)
     validate(config, system.n_observables)
     os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
     pool = _trajectories(config, system, workdir, "pool")
     test = _trajectories(config, system, workdir, "test")
     pool_xs = pool.xs.reshape(-1, system.n_dof)  # trajectory-major
@@ -214,7 +213,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
     np.savez(os.path.join(run_dir, "history.npz"), **history)
-    _write_json(os.path.join(run_dir, "result.json"), result)
+    write_json(os.path.join(run_dir, "result.json"), result)
     logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
     result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(true_obs)
     return result
@@ -278,7 +277,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     """Runs every loss of ``config.train.runs`` at ``config.train.budget``; see module doc."""
     prep = prepare(config, workdir)
     results = [run_loss(prep, config, spec, config.train.budget, workdir) for spec in config.train.runs]
-    _write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
+    write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
     table = format_table(results)
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")
@@ -287,7 +286,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     return results
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, default=_json_default)
@@ -298,6 +297,4 @@ def _json_default(o):
         return np.asarray(o).tolist()
     if isinstance(o, np.generic):
         return o.item()
-    if dataclasses.is_dataclass(o):
-        return dataclasses.asdict(o)
     return str(o)

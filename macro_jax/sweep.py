@@ -54,7 +54,7 @@ def run_sweep(config, workdir: str) -> list[dict]:
                 prep = prep or experiment.prepare(config, workdir)
                 result = experiment.public(experiment.run_loss(prep, config, spec, budget, workdir))
                 result["settings"] = settings
-                experiment._write_json(path, result)
+                experiment.write_json(path, result)
             results.append(result)
     return results
 

@@ -36,12 +36,13 @@ class Trajectories(NamedTuple):
 
     ``xs`` has shape (n_traj, n_times, N) and ``forces`` the same: the exact
     right-hand side ``f(x)`` at each stored configuration (never an
-    integrator's averaged slope).
+    integrator's averaged slope). Trajectories read back from disk carry
+    ``forces=None``: training labels come from the force calculator.
     """
 
     times: Float[Array, " n_times"]
     xs: Float[Array, "n_traj n_times N"]
-    forces: Float[Array, "n_traj n_times N"]
+    forces: Float[Array, "n_traj n_times N"] | None
 
 
 class ForceFn(Protocol):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 
+from macro_jax import observables
 from macro_jax.systems import integrators
 from macro_jax.systems.base import MicroSystem, Trajectories
 
@@ -63,8 +64,8 @@ def make_predator_prey(
         du, dv = _rates(u, v, v_left, v_right, a, b)
         return jnp.where(sites < n, du, dv)
 
-    def observable_fn(x):
-        return jnp.stack([jnp.mean(x[:n]), jnp.mean(x[n:])])
+    def observable_fn(x):  # (mean u, mean v)
+        return observables.field_means(x, 2)
 
     def initial_fn(key):
         amp_key, mean_key = jr.split(key)
