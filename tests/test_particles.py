@@ -66,13 +66,13 @@ def edge_sites(x, n_atoms, box_size, extra_key, n_extra=12):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize(
     "n_atoms,density,pair,cutoff,cells",
-    [(256, 0.8, "lj", 2.5, 2),  # 2 cells per side: the all-pairs fallback of the subset path
-     (500, 0.8, "lj", 2.5, 3),  # cell list, 27 cells
-     (500, 0.8, "morse", 1.6, 5)],  # a second jax-md potential through the same plug-in, 125 cells
+    [(256, 0.8, "lj", 2.5, 0),  # 2 cells per side: the all-pairs path of the subset kernel
+     (864, 0.8, "lj", 2.5, 4),  # cell list, 4^3 cells
+     (500, 0.8, "morse", 1.6, 5)],  # a second jax-md potential through the same plug-in, 5^3 cells
 )
 def test_subset_forces_equal_full_forces(n_atoms, density, pair, cutoff, cells, dtype):
     calc = calculator(n_atoms, density, pair, cutoff)
-    assert calc.cells_per_side == cells
+    assert calc.subset_uses_cells == (cells > 0) and (cells == 0 or calc.cells_per_side == cells)
     system, n, size = calc.system, n_atoms, calc.box_size
     x = lattice_state(jr.PRNGKey(0), n, size, dtype=dtype)
     # unwrap some atoms by whole boxes: forces must not change
@@ -220,3 +220,31 @@ def test_registry_builds_particles_and_rejects_small_boxes():
         system.trajectory_fn(jr.PRNGKey(0), 1)
     with pytest.raises(ValueError, match="at least 2 cutoff"):
         make_particle_calculator(32, box(32))
+
+
+def _largest_intermediate(jaxpr):
+    """Elements of the largest value any equation of ``jaxpr`` (or a sub-jaxpr) produces."""
+    biggest = 0
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            biggest = max(biggest, int(np.prod(getattr(v.aval, "shape", ()))))
+        for p in eqn.params.values():
+            for inner in p if isinstance(p, (tuple, list)) else [p]:
+                inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    biggest = max(biggest, _largest_intermediate(inner))
+    return biggest
+
+
+def test_subset_kernel_does_no_pair_work_for_other_atoms():
+    """Structure, not timing: with k = 3 chosen atoms no intermediate of the subset
+    kernel is as large as a per-atom pair array over all atoms (n x neighbours); the
+    largest are the O(n) binning arrays and the k x 27 x cell_capacity candidates."""
+    calc = calculator(500, 0.8, "morse", 1.6)
+    n, k = 500, 3
+    x = lattice_state(jr.PRNGKey(7), n, calc.box_size, dtype=jnp.float32)
+    sites = jnp.asarray([0, 1, 2], jnp.int32)
+    sub = _largest_intermediate(jax.make_jaxpr(calc.system.subset_force_fn)(x, sites).jaxpr)
+    full = _largest_intermediate(jax.make_jaxpr(calc.system.force_fn)(x).jaxpr)
+    bound = max(6 * n, 125 * calc.cell_capacity, k * 27 * calc.cell_capacity * 3)
+    assert sub <= bound < n * calc.neighbor_capacity <= full

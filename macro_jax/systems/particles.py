@@ -29,8 +29,9 @@ energy of the pairs that contain atom i, which is ``-dE/dR_i`` of the total):
   of the k chosen atoms only, gather the 27 x capacity candidates of its
   neighbouring cells. Pair work is O(k x 27 x cell_capacity); no neighbour
   list is built and no other atom's force is evaluated. Boxes with fewer than
-  3 cells per side fall back to all N atoms as candidates of each chosen atom
-  (O(k N) pair work, still only the chosen atoms' forces).
+  3 cells per side, or so small that 27 x cell_capacity >= N, use all N atoms
+  as candidates of each chosen atom instead (O(k N) pair work, no binning,
+  still only the chosen atoms' forces).
 
 Overflow is never silent. Inside jit, a capacity overflow raises through a
 host callback (a ``RuntimeError`` eagerly, a ``JaxRuntimeError`` carrying the
@@ -156,6 +157,9 @@ class ParticleCalculator:
     * ``subset_forces(x, sites) -> F_sites`` (k, 3): the cell-list kernel.
     * ``potential_energy(x, nbrs) -> E``: total energy from an existing list.
     * ``pair_energy(r) -> u``: the truncated pair energy.
+    * ``fixed_neighbors``: the capacity-only list ``force_fn`` rebuilds at each
+      call; ``update_and_forces(x, fixed_neighbors)`` gives a list for ``x`` at
+      ``force_fn``'s capacity.
     """
 
     system: MicroSystem
@@ -164,7 +168,7 @@ class ParticleCalculator:
     cutoff: float
     mass: float
     neighbor_capacity: int  # neighbours per atom in force_fn's list
-    cells_per_side: int  # of the subset kernel's cell list; < 3 means all-pairs fallback
+    cells_per_side: int  # of the subset kernel's cell grid
     cell_capacity: int  # atoms per cell of the subset kernel's cell list
     displacement_fn: Callable
     neighbor_fn: partition.NeighborListFns
@@ -175,10 +179,9 @@ class ParticleCalculator:
     subset_forces: Callable
     potential_energy: Callable
     pair_energy: Callable
+    fixed_neighbors: partition.NeighborList
 
-    @property
-    def uses_cell_list(self) -> bool:
-        return self.cells_per_side >= 3
+    subset_uses_cells: bool  # False: the subset kernel takes every atom as a candidate
 
 
 def make_particle_calculator(
@@ -238,6 +241,9 @@ def make_particle_calculator(
         neighbor_capacity = _capacity(density * 4.0 / 3.0 * math.pi * list_cutoff**3, capacity_multiplier)
     neighbor_capacity = min(int(neighbor_capacity), n - 1)
     cell_capacity = int(cell_capacity)
+    # 27 distinct neighbour cells need m >= 3; and a cell gather only pays once its
+    # 27 x capacity candidates are fewer than all n atoms.
+    subset_uses_cells = m >= 3 and 27 * cell_capacity < n
 
     # --- full forces: jax-md Dense neighbour list -----------------------------------------
     # dr_threshold = 0: jax-md rebuilds the list on every update (no skin, no reuse test);
@@ -337,15 +343,15 @@ def make_particle_calculator(
     def subset_forces(x, sites):
         sites = jnp.asarray(sites, jnp.int32)
         positions = _wrap(_positions(x, n), box_size)
-        if m >= 3:
+        if subset_uses_cells:
             table, ijk, overflow = bin_atoms(positions)
             near = jnp.mod(ijk[sites][:, None, :] + shifts[None], m)  # (k, 27, 3), 27 distinct cells
             near_id = (near[..., 0] * m + near[..., 1]) * m + near[..., 2]
             cand = table[near_id].reshape(sites.shape[0], 27 * cell_capacity)
             _raise_if(overflow, cell_overflow_msg)
         else:
-            # Fewer than 3 cells per side: the 27 "neighbouring" cells would repeat. Every atom
-            # is a candidate of each chosen atom (O(k n) pairs, still only k forces).
+            # Fewer than 3 cells per side (the 27 "neighbouring" cells would repeat) or fewer
+            # atoms than 27 cells hold: every atom is a candidate (O(k n) pairs, only k forces).
             cand = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (sites.shape[0], n))
             overflow = jnp.zeros((), bool)
         valid = (cand < n) & (cand != sites[:, None])
@@ -388,9 +394,11 @@ def make_particle_calculator(
     return ParticleCalculator(
         system=system, n_atoms=n, box_size=box_size, cutoff=cutoff, mass=float(mass),
         neighbor_capacity=neighbor_capacity, cells_per_side=m, cell_capacity=cell_capacity,
+        subset_uses_cells=subset_uses_cells,
         displacement_fn=displacement_fn, neighbor_fn=neighbor_fn, allocate=allocate,
         update_and_forces=update_and_forces, neighbor_forces=neighbor_forces, full_forces=full_forces,
         subset_forces=subset_forces, potential_energy=potential_energy, pair_energy=pair_energy,
+        fixed_neighbors=template,
     )
 
 
