@@ -1,10 +1,17 @@
 """Microscopic systems: one protocol (``MicroSystem``), one factory per system."""
 
 from macro_jax.systems.base import MicroSystem, Trajectories, sample_sites
-from macro_jax.systems.particles import make_particle_calculator, make_particle_system
 from macro_jax.systems.predator_prey import make_predator_prey
 
-_FACTORIES = {"predator_prey": make_predator_prey, "particles": make_particle_system}
+
+def _particles(**params) -> MicroSystem:
+    # jax-md costs seconds to import; only particle systems pay for it.
+    from macro_jax.systems.particles import make_particle_system
+
+    return make_particle_system(**params)
+
+
+_FACTORIES = {"predator_prey": make_predator_prey, "particles": _particles}
 
 
 def make_system(system_config) -> MicroSystem:
@@ -15,12 +22,4 @@ def make_system(system_config) -> MicroSystem:
     return _FACTORIES[name](**dict(system_config.params))
 
 
-__all__ = [
-    "MicroSystem",
-    "Trajectories",
-    "make_system",
-    "sample_sites",
-    "make_predator_prey",
-    "make_particle_system",
-    "make_particle_calculator",
-]
+__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "make_predator_prey"]
