@@ -52,8 +52,10 @@ def make_member_rollout(static, z0s, dt: float, n_steps: int, substeps: int):
     return member
 
 
-def evaluate_ensemble(nets, stats, ae, xs_test, times, *, substeps: int = 1, per_member_stats: bool = True):
+def evaluate_ensemble(nets, stats, ae, xs_test, times, *, substeps: int = 1):
     """Rollouts of every member from ``phi(x(0))`` of each test trajectory.
+
+    ``nets`` and the normalisation ``stats`` carry a leading member axis.
 
     Returns ``(errors, pred_obs, true_obs)`` with errors (members, n_traj),
     pred_obs (members, n_traj, T, d_obs) and true_obs (n_traj, T, d_obs).
@@ -63,6 +65,6 @@ def evaluate_ensemble(nets, stats, ae, xs_test, times, *, substeps: int = 1, per
     true_obs = observable_trajectories(ae.observable_fn, xs_test)
     dt = float(times[1] - times[0])
     member = make_member_rollout(static, z0s, dt, xs_test.shape[1] - 1, substeps)
-    zs = jax.jit(jax.vmap(member, in_axes=(0, 0 if per_member_stats else None)))(params, stats)
+    zs = jax.jit(jax.vmap(member))(params, stats)
     pred_obs = zs[..., : ae.n_observables]
     return trajectory_errors(pred_obs, true_obs[None]), pred_obs, true_obs
