@@ -145,7 +145,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
             f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
             f"{prep.pool_xs.shape[0]} (data.n_pool_trajectories) and at least 1 is needed"
         )
-    name = f"{spec.replace(':', '_p')}_budget{budget}"
+    name = run_name(spec, budget)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     xs = prep.pool_xs[:n]
     seeds = tuple(cfg.seeds)
@@ -217,6 +217,12 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
     logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
     result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(true_obs)
     return result
+
+
+def run_name(spec: str, budget: int) -> str:
+    """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``."""
+    loss, p = parse_run(spec)
+    return (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
 
 
 def _online_force_seconds(system, xs, k, batch_size, n) -> float:

@@ -41,7 +41,7 @@ def run_sweep(config, workdir: str) -> list[dict]:
     results = []
     for budget in config.sweep.budgets:
         for spec in config.sweep.runs:
-            name = f"{spec.replace(':', '_p')}_budget{budget}"
+            name = experiment.run_name(spec, budget)
             path = os.path.join(workdir, "runs", name, "result.json")
             settings = json.loads(json.dumps(_settings(config, spec), default=str))
             if os.path.exists(path):
@@ -98,11 +98,12 @@ def plot(results: list[dict], system: str, path: str) -> None:
         label = rs[0]["loss"] + (f" p={rs[0]['p']:g}" if rs[0]["loss"] == "L_x,p" else "")
         b = np.array([r["budget"] for r in rs], float)
         m = np.array([r["test_error_mean"] for r in rs])
-        s = np.array([r["test_error_std"] for r in rs])
-        line = ax.errorbar(b, m, yerr=s, marker="o", capsize=3, label=f"ours: {label}")
+        (line,) = ax.plot(b, m, "-o", label=f"ours: {label} (mean; dots = seeds)")
+        for r in rs:  # every seed, so an outlier is visible rather than averaged away
+            ax.plot([r["budget"]] * len(r["test_errors"]), r["test_errors"], ".", color=line.get_color(), alpha=0.5)
         if spec in ref:
             rb = sorted(ref[spec])
-            ax.plot(rb, [ref[spec][k] for k in rb], ":", marker="x", color=line[0].get_color(), alpha=0.7,
+            ax.plot(rb, [ref[spec][k] for k in rb], ":", marker="x", color=line.get_color(), alpha=0.7,
                     label=f"reference: {label}")
     ax.axhline(E_TOL, color="grey", ls="--", lw=1, label="e_tol = 3e-3")
     ax.set_xscale("log")

@@ -111,3 +111,10 @@ def test_model_round_trip_and_mismatch(tmp_path):
         checkpoint.load_model(path, OnsagerNet(5, variant="separate", key=jr.PRNGKey(1)))
     with open(path + ".json") as f:
         assert json.load(f)["run"] == "z"
+
+
+def test_run_names_are_flat_directory_names():
+    from macro_jax.experiment import run_name
+
+    assert run_name("xp:1/4", 60_000) == run_name("xp:0.25", 60_000) == "xp_p0.25_budget60000"
+    assert run_name("z", 600) == "z_budget600"
