@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, train
-from macro_jax.config import parse_run, run_settings, subset_size, validate
+from macro_jax.config import ConfigError, parse_run, run_settings, subset_size, validate
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
@@ -141,7 +141,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
     k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
     n = int(budget // k)
     if n < 1 or n > prep.pool_xs.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
             f"{prep.pool_xs.shape[0]} (data.n_pool_trajectories) and at least 1 is needed"
         )

@@ -108,3 +108,31 @@ def test_launcher_reports_bad_value(tmp_path):
     )
     assert out.returncode != 0
     assert "p = 2.0 must be in (0, 1]" in out.stderr
+
+
+def test_online_label_mode_end_to_end(smoke_run, tmp_path):
+    """Online mode: forces are drawn and computed inside the step every epoch and counted."""
+    import shutil
+
+    workdir, config, _ = smoke_run
+    copy = str(tmp_path / "online")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    shutil.copytree(os.path.join(workdir, "autoencoder"), os.path.join(copy, "autoencoder"))
+    config = predator_prey.get_config("smoke")
+    config.train.label_mode = "online"
+    config.train.runs = ("xp:0.2",)
+    (result,) = experiment.train_and_evaluate(config, copy)
+    n, k = result["n_configs"], result["sites_per_config"]
+    assert result["label_mode"] == "online"
+    # one labelling for the normalisation, then n x k fresh site forces per epoch
+    assert result["n_force_computations"] == n * k * (1 + config.train.epochs)
+    assert np.isfinite(result["test_error_mean"])
+
+
+def test_budget_beyond_pool_names_the_field(smoke_run):
+    _, config, _ = smoke_run
+    from macro_jax.config import ConfigError
+
+    prep = experiment.prepare(config, smoke_run[0])
+    with pytest.raises(ConfigError, match=r"train.budget=10000000 .*\(data.n_pool_trajectories\)"):
+        experiment.run_loss(prep, config, "z", 10_000_000, smoke_run[0])
