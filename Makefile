@@ -22,12 +22,15 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The full Predator-Prey budget sweep (about an hour on 2 cores); writes docs/results/.
+# The full Predator-Prey budget sweep (about two hours in one process on 2 cores; see the
+# README for the two-process split that took 65 minutes); writes docs/results/.
 sweep: $(STAMP)
 	$(PY) experiments/sweep.py --config configs/predator_prey.py --workdir workdirs/predator_prey_sweep --out docs/results/predator_prey.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --out benchmarks/results/train_step_cpu.json
+	XLA_FLAGS=--xla_cpu_multi_thread_eigen=false $(PY) benchmarks/train_step.py --out benchmarks/results/train_step_cpu_1thread.json
+	$(PY) benchmarks/partial_forces.py --out benchmarks/results/partial_forces_cpu.json
 
 clean:
 	rm -rf workdirs .pytest_cache
