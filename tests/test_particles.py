@@ -216,8 +216,8 @@ def test_registry_builds_particles_and_rejects_small_boxes():
                                                                       "pair_fn": "morse", "cutoff": 2.0}})
     system = make_system(cfg)
     assert (system.n_dof, system.n_sites, system.dofs_per_site, system.n_observables) == (648, 108, 6, 1)
-    with pytest.raises(NotImplementedError, match="issue 3"):
-        system.trajectory_fn(jr.PRNGKey(0), 1)
+    with pytest.raises(ValueError, match="velocity_verlet"):  # MD data (tests/test_md.py) is NVE velocity Verlet
+        system.trajectory_fn(jr.PRNGKey(0), 1, integrator="euler")
     with pytest.raises(ValueError, match="at least 2 cutoff"):
         make_particle_calculator(32, box(32))
 

@@ -372,8 +372,17 @@ def make_particle_calculator(
     def observable_fn(x):
         return observables.temperature(x, n, mass)
 
-    def trajectory_fn(*args, **kwargs):
-        raise NotImplementedError("MD data generation: issue 3 item 4")
+    def trajectory_fn(key, n_traj: int, *, dt: float = 0.001, n_steps: int = 250, save_every: int = 1,
+                      integrator: str = "velocity_verlet", dtype=jnp.float32, T0_range=(0.5, 1.5)):
+        """``n_traj`` NVE runs of the reference protocol (``md.make_lj_dataset``,
+        ``same_initial=True``, T0 ~ U(T0_range)): ``xs`` and ``forces`` (n_traj,
+        n_steps // save_every, 6n) in ``dtype``, positions unwrapped."""
+        if integrator != "velocity_verlet":
+            raise ValueError(f"particles: integrator={integrator!r}; MD data uses 'velocity_verlet'")
+        from macro_jax.systems import md  # md imports this module
+
+        return md.make_lj_dataset(calculator, key, n_traj, T0_range, same_initial=True, dt=dt, n_steps=n_steps,
+                                  save_every=save_every, dtype=dtype).trajectories
 
     def pair_energy(r):
         r = jnp.asarray(r)
@@ -391,7 +400,7 @@ def make_particle_calculator(
         site_dofs=site_dofs,
         trajectory_fn=trajectory_fn,
     )
-    return ParticleCalculator(
+    calculator = ParticleCalculator(
         system=system, n_atoms=n, box_size=box_size, cutoff=cutoff, mass=float(mass),
         neighbor_capacity=neighbor_capacity, cells_per_side=m, cell_capacity=cell_capacity,
         subset_uses_cells=subset_uses_cells,
@@ -400,6 +409,7 @@ def make_particle_calculator(
         subset_forces=subset_forces, potential_energy=potential_energy, pair_energy=pair_energy,
         fixed_neighbors=template,
     )
+    return calculator  # trajectory_fn reads it
 
 
 def make_particle_system(n_atoms: int, box_size: float, **kwargs) -> MicroSystem:
