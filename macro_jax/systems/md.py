@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from macro_jax import observables
 from macro_jax.systems.base import Trajectories
-from macro_jax.systems.particles import _LIST_SLACK, ParticleCalculator, _raise_if, _wrap
+from macro_jax.systems.particles import LIST_SLACK, ParticleCalculator, raise_if, wrap_positions
 
 
 def skin_neighbor_fn(calc: ParticleCalculator, skin: float, capacity_multiplier: float = 1.25):
@@ -35,7 +35,7 @@ def skin_neighbor_fn(calc: ParticleCalculator, skin: float, capacity_multiplier:
     slack) + skin``, reused until some atom moved ``skin / 2`` (consecutive MD or
     FIRE steps, unlike the calculator's own list, which rebuilds on every call)."""
     return partition.neighbor_list(
-        calc.displacement_fn, calc.box_size, calc.cutoff * (1.0 + _LIST_SLACK), dr_threshold=float(skin),
+        calc.displacement_fn, calc.box_size, calc.cutoff * (1.0 + LIST_SLACK), dr_threshold=float(skin),
         capacity_multiplier=capacity_multiplier, format=partition.Dense,
     )
 
@@ -84,7 +84,7 @@ def random_insertion(
         return positions.at[i].set(r), failed | too_close(r)
 
     positions, failed = jax.lax.fori_loop(0, n, place, (jnp.zeros((n, 3), jnp.float64), jnp.zeros((), bool)))
-    _raise_if(failed, f"md.random_insertion: an atom found no place {min_distance:g} away from the others in "
+    raise_if(failed, f"md.random_insertion: an atom found no place {min_distance:g} away from the others in "
                       f"{max_attempts} draws (n_atoms={n}, box_size={box_size:g}); lower min_distance")
     return jnp.where(failed, jnp.nan, positions).reshape(-1)
 
@@ -235,14 +235,14 @@ def make_nve(
 
     def run_one(x0, nbrs, store_dtype):
         pos, vel = x0[: 3 * n], x0[3 * n:]
-        nbrs = neighbor_fn.update(_wrap(pos.reshape(n, 3), calc.box_size), nbrs)
+        nbrs = neighbor_fn.update(wrap_positions(pos.reshape(n, 3), calc.box_size), nbrs)
         forces = calc.neighbor_forces(pos, nbrs)
 
         def step(_, carry):
             pos, vel, forces, nbrs = carry
             vel_half = vel + 0.5 * dt * forces.reshape(-1) / mass
             pos = pos + dt * vel_half  # unwrapped: never mapped back into the box
-            nbrs = neighbor_fn.update(_wrap(pos.reshape(n, 3), calc.box_size), nbrs)
+            nbrs = neighbor_fn.update(wrap_positions(pos.reshape(n, 3), calc.box_size), nbrs)
             forces = calc.neighbor_forces(pos, nbrs)
             return pos, vel_half + 0.5 * dt * forces.reshape(-1) / mass, forces, nbrs
 
@@ -266,7 +266,7 @@ def make_nve(
         x0 = jnp.asarray(x0)
         store_dtype = jnp.dtype(dtype if dtype is not None else x0.dtype)
         batch = jnp.atleast_2d(x0).astype(jnp.float64)
-        reference = _wrap(batch[0, : 3 * n].reshape(n, 3), calc.box_size)
+        reference = wrap_positions(batch[0, : 3 * n].reshape(n, 3), calc.box_size)
         extra = 0
         nbrs = neighbor_fn.allocate(reference)
         for attempt in range(max_reallocations + 1):

@@ -64,7 +64,7 @@ PAIR_FNS = {"lennard_jones": energy.lennard_jones, "morse": energy.morse, "soft_
 # Lists and cells are built with a cut-off this much (relative) larger than the
 # force cut-off, so a pair at r ~ cutoff that rounding puts on the other side in
 # one code path is still a candidate in the other; the force mask decides.
-_LIST_SLACK = 1e-5
+LIST_SLACK = 1e-5
 
 
 def resolve_pair_fn(pair_fn: PairFn | str | None, pair_params: dict | None = None) -> PairFn:
@@ -89,7 +89,7 @@ def _capacity(mean: float, multiplier: float) -> int:
     return int(math.ceil(multiplier * (mean + 3.0 * math.sqrt(mean))))
 
 
-def _raise_if(flag, message: str):
+def raise_if(flag, message: str):
     """Raises ``RuntimeError(message)`` from the host if ``flag`` is true (any
     element, so it also works under vmap). Under jit the error surfaces as a
     ``JaxRuntimeError`` whose text contains ``message``."""
@@ -110,7 +110,7 @@ def _xyz(sites):
     return (3 * jnp.asarray(sites, jnp.int32)[:, None] + jnp.arange(3, dtype=jnp.int32)).reshape(-1)
 
 
-def _wrap(positions, box_size):
+def wrap_positions(positions, box_size):
     """Positions in [0, box_size): ``mod`` can round a tiny negative up to box_size."""
     wrapped = jnp.mod(positions, box_size)
     return jnp.where(wrapped >= box_size, wrapped - box_size, wrapped)
@@ -227,7 +227,7 @@ def make_particle_calculator(
         )
     pair_fn = resolve_pair_fn(pair_fn, pair_params)
     density = n / box_size**3
-    list_cutoff = cutoff * (1.0 + _LIST_SLACK)
+    list_cutoff = cutoff * (1.0 + LIST_SLACK)
 
     displacement_fn, _ = space.periodic(box_size)
     atom_force, local_energy = _make_atom_force(displacement_fn, pair_fn, cutoff)
@@ -269,23 +269,23 @@ def make_particle_calculator(
     )
 
     def neighbor_forces(x, nbrs):
-        positions = _wrap(_positions(x, n), box_size)
+        positions = wrap_positions(_positions(x, n), box_size)
         valid = nbrs.idx < n
         cand = positions[jnp.minimum(nbrs.idx, n - 1)]
         return jax.vmap(atom_force)(positions, cand, valid)
 
     def potential_energy(x, nbrs):
-        positions = _wrap(_positions(x, n), box_size)
+        positions = wrap_positions(_positions(x, n), box_size)
         valid = nbrs.idx < n
         cand = positions[jnp.minimum(nbrs.idx, n - 1)]
         return 0.5 * jnp.sum(jax.vmap(local_energy)(positions, cand, valid))  # each pair seen twice
 
     def update_and_forces(x, nbrs):
-        nbrs = neighbor_fn.update(_wrap(_positions(x, n), box_size), nbrs)
+        nbrs = neighbor_fn.update(wrap_positions(_positions(x, n), box_size), nbrs)
         return neighbor_forces(x, nbrs), nbrs
 
     def allocate(x, extra_capacity: int = 0):
-        return neighbor_fn.allocate(_wrap(_positions(x, n), box_size), extra_capacity=extra_capacity)
+        return neighbor_fn.allocate(wrap_positions(_positions(x, n), box_size), extra_capacity=extra_capacity)
 
     def rates(x, forces):
         return jnp.concatenate([x[3 * n:], (forces / mass).reshape(-1)])
@@ -314,7 +314,7 @@ def make_particle_calculator(
     def force_fn(x):
         forces, nbrs = update_and_forces(x, template)
         overflow = nbrs.did_buffer_overflow != 0
-        _raise_if(overflow, nbr_overflow_msg)
+        raise_if(overflow, nbr_overflow_msg)
         return jnp.where(overflow, jnp.nan, rates(x, forces))
 
     # --- subset forces: cell list, only the chosen atoms' pairs -----------------------------
@@ -342,13 +342,13 @@ def make_particle_calculator(
 
     def subset_forces(x, sites):
         sites = jnp.asarray(sites, jnp.int32)
-        positions = _wrap(_positions(x, n), box_size)
+        positions = wrap_positions(_positions(x, n), box_size)
         if subset_uses_cells:
             table, ijk, overflow = bin_atoms(positions)
             near = jnp.mod(ijk[sites][:, None, :] + shifts[None], m)  # (k, 27, 3), 27 distinct cells
             near_id = (near[..., 0] * m + near[..., 1]) * m + near[..., 2]
             cand = table[near_id].reshape(sites.shape[0], 27 * cell_capacity)
-            _raise_if(overflow, cell_overflow_msg)
+            raise_if(overflow, cell_overflow_msg)
         else:
             # Fewer than 3 cells per side (the 27 "neighbouring" cells would repeat) or fewer
             # atoms than 27 cells hold: every atom is a candidate (O(k n) pairs, only k forces).
