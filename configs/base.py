@@ -35,6 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.test_steps = 3000
     c.data.test_save_every = 1  # frames are also the rollout's output times
     c.data.dtype = "float32"  # storage dtype (integration is float64)
+    # True: pool and test runs are ONE call of the system's trajectory_fn (one
+    # key), the last n_test_trajectories runs being the test set; the test_*
+    # settings must then equal the pool_* ones. The reference LJ protocol needs
+    # it: every run shares the initial positions, only T0 varies.
+    c.data.one_ensemble = False
 
     # ---------------------------------------------------------------- autoencoder (stage 1)
     c.autoencoder = ml_collections.ConfigDict()
@@ -108,4 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.sweep.budgets = ()  # force budgets to sweep
     c.sweep.runs = ()  # losses to sweep, as in train.runs
+
+    # ---------------------------------------------------------------- structures (experiments/structures.py)
+    c.structures = ml_collections.ConfigDict()
+    c.structures.models = ()  # latent models (model.name values) compared on train.runs
     return c

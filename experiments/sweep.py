@@ -6,13 +6,10 @@ Resumable: finished runs in --workdir are reused, so the grid can be split
 over processes (--config.sweep.runs=...) and collected by a last full call.
 """
 
-import json
-import os
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from macro_jax import sweep
+from macro_jax import experiment, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run of the sweep.")
@@ -28,14 +25,8 @@ def main(argv):
     text = sweep.table(results, config.system.name)
     print(text)
     if _OUT.value:
-        os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-        with open(_OUT.value, "w") as f:
-            json.dump(sweep.rows(results), f, indent=1)
-        stem = os.path.splitext(_OUT.value)[0]
-        sweep.plot(results, config.system.name, stem + ".png")
-        with open(stem + ".md", "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {_OUT.value}, {stem}.png, {stem}.md")
+        experiment.write_report(_OUT.value, sweep.rows(results), text,
+                                lambda path: sweep.plot(results, config.system.name, path))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ def _require(ok: bool, field: str, value, allowed: str):
         raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
 
 
-def validate(config, n_observables: int | None = None) -> None:
-    """Raises ``ConfigError`` naming the first field out of range."""
+def validate(config, n_observables: int | None = None, integrators: tuple[str, ...] = INTEGRATORS) -> None:
+    """Raises ``ConfigError`` naming the first field out of range.
+
+    ``n_observables`` and ``integrators`` come from the system when it is known.
+    """
     d, a, t, m = config.data, config.autoencoder, config.train, config.model
     for field in ("n_pool_trajectories", "n_test_trajectories", "pool_steps", "test_steps",
                   "pool_save_every", "test_save_every"):
@@ -69,10 +72,14 @@ def validate(config, n_observables: int | None = None) -> None:
     for field in ("pool_dt", "test_dt"):
         _require(float(d[field]) > 0, f"data.{field}", d[field], "must be > 0")
     for field in ("pool_integrator", "test_integrator"):
-        _require(d[field] in INTEGRATORS, f"data.{field}", d[field], f"must be one of {list(INTEGRATORS)}")
+        _require(d[field] in integrators, f"data.{field}", d[field], f"must be one of {list(integrators)}")
     _require(d.dtype in ("float32", "float64"), "data.dtype", d.dtype, "must be 'float32' or 'float64'")
     _require(d.test_steps // d.test_save_every >= 2, "data.test_steps", d.test_steps,
              "must keep at least 2 test frames (test_steps // test_save_every >= 2)")
+    if d.one_ensemble:
+        for field in ("integrator", "dt", "steps", "save_every"):
+            _require(d[f"test_{field}"] == d[f"pool_{field}"], f"data.test_{field}", d[f"test_{field}"],
+                     f"must equal data.pool_{field}={d[f'pool_{field}']!r} when data.one_ensemble is True")
 
     if n_observables is not None:
         _require(a.latent_dim > n_observables, "autoencoder.latent_dim", a.latent_dim,
@@ -89,6 +96,9 @@ def validate(config, n_observables: int | None = None) -> None:
     _require(a.n_configs >= 0, "autoencoder.n_configs", a.n_configs, "must be >= 0 (0 = all)")
 
     _require(m.name in LATENT_MODELS, "model.name", m.name, f"must be one of {list(LATENT_MODELS)}")
+    for name in config.structures.models:
+        _require(name in LATENT_MODELS, "structures.models", config.structures.models,
+                 f"every entry must be one of {list(LATENT_MODELS)}")
     _require(m.onsagernet.variant in ("separate", "shared"), "model.onsagernet.variant", m.onsagernet.variant,
              "must be 'separate' or 'shared'")
 

@@ -42,9 +42,10 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def label_full(system: MicroSystem, xs) -> tuple[jax.Array, ForceAccount]:
-    """All forces of every configuration in ``xs`` (n, N)."""
-    forces, seconds = _timed(jax.vmap(system.force_fn), xs)
+def label_full(system: MicroSystem, xs, chunk: int = 256) -> tuple[jax.Array, ForceAccount]:
+    """All forces of every configuration in ``xs`` (n, N), ``chunk`` configurations
+    vmapped at a time (bounds the calculator's working memory)."""
+    forces, seconds = _timed(lambda xs: jax.lax.map(system.force_fn, xs, batch_size=chunk), xs)
     return forces, ForceAccount(int(xs.shape[0]) * system.n_sites, seconds)
 
 
@@ -54,9 +55,11 @@ def draw_sites(system: MicroSystem, key, n_configs: int, k: int):
     return jax.jit(jax.vmap(lambda kk: sample_sites(kk, system.n_sites, k)))(keys)
 
 
-def label_subset(system: MicroSystem, xs, sites) -> tuple[jax.Array, ForceAccount]:
-    """Forces of the coordinates owned by ``sites`` (n, k) only, shape (n, k * dofs_per_site)."""
-    f_sub, seconds = _timed(jax.vmap(system.subset_force_fn), xs, sites)
+def label_subset(system: MicroSystem, xs, sites, chunk: int = 256) -> tuple[jax.Array, ForceAccount]:
+    """Forces of the coordinates owned by ``sites`` (n, k) only, shape (n, k * dofs_per_site),
+    ``chunk`` configurations vmapped at a time."""
+    f_sub, seconds = _timed(
+        lambda xs, sites: jax.lax.map(lambda a: system.subset_force_fn(*a), (xs, sites), batch_size=chunk), xs, sites)
     return f_sub, ForceAccount(int(sites.size), seconds)
 
 

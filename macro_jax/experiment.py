@@ -46,12 +46,11 @@ class Prepared(NamedTuple):
 # ---------------------------------------------------------------- data and autoencoder
 
 
-def _trajectories(config, system, workdir, split: str) -> Trajectories:
+def _spec(config, split: str) -> dict:
     d = config.data
-    n_traj = d[f"n_{split}_trajectories"]
     spec = {
         "system": config.system.to_dict(),
-        "n_trajectories": n_traj,
+        "n_trajectories": d[f"n_{split}_trajectories"],
         "integrator": d[f"{split}_integrator"],
         "dt": d[f"{split}_dt"],
         "n_steps": d[f"{split}_steps"],
@@ -59,24 +58,58 @@ def _trajectories(config, system, workdir, split: str) -> Trajectories:
         "dtype": d.dtype,
         "seed": config.seed,
     }
-    path = os.path.join(workdir, "data", f"{split}.npz")
-    if os.path.exists(path):
-        arrays, _ = checkpoint.load_arrays(path, expect={"spec": spec})
-        logging.info("loaded %s trajectories from %s", split, path)
-        return Trajectories(jnp.asarray(arrays["times"]), jnp.asarray(arrays["xs"]), None)
-    key = jr.fold_in(jr.PRNGKey(config.seed), {"pool": 0, "test": 1}[split])
+    if d.one_ensemble:  # both splits come from one call: each file names the whole ensemble
+        spec["one_ensemble"] = [d.n_pool_trajectories, d.n_test_trajectories]
+    return spec
+
+
+def _simulate(system, key, spec) -> tuple[Trajectories, float]:
     start = time.perf_counter()
     traj = system.trajectory_fn(
-        key, n_traj, dt=spec["dt"], n_steps=spec["n_steps"], save_every=spec["save_every"],
-        integrator=spec["integrator"], dtype=jnp.dtype(d.dtype),
+        key, spec["n_trajectories"], dt=spec["dt"], n_steps=spec["n_steps"], save_every=spec["save_every"],
+        integrator=spec["integrator"], dtype=jnp.dtype(spec["dtype"]),
     )
     jax.block_until_ready(traj.xs)
-    seconds = time.perf_counter() - start
-    logging.info("simulated %d %s trajectories (%s frames) in %.1fs", n_traj, split, traj.xs.shape[1], seconds)
-    # Forces are not stored: labels are computed by the force calculator at labelling time.
-    checkpoint.save_arrays(path, {"times": traj.times, "xs": traj.xs},
-                           {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
-    return Trajectories(traj.times, traj.xs, None)
+    return traj, time.perf_counter() - start
+
+
+def _trajectories(config, system, workdir) -> tuple[Trajectories, Trajectories]:
+    """Loads (metadata checked) or simulates the pool and test trajectories.
+
+    Forces are not stored: labels are computed by the force calculator at
+    labelling time, and counted there.
+    """
+    splits = ("pool", "test")
+    specs = {split: _spec(config, split) for split in splits}
+    paths = {split: os.path.join(workdir, "data", f"{split}.npz") for split in splits}
+    out = {}
+    for split in splits:
+        if os.path.exists(paths[split]):
+            arrays, _ = checkpoint.load_arrays(paths[split], expect={"spec": specs[split]})
+            logging.info("loaded %s trajectories from %s", split, paths[split])
+            out[split] = Trajectories(jnp.asarray(arrays["times"]), jnp.asarray(arrays["xs"]), None)
+    missing = [split for split in splits if split not in out]
+    if not missing:
+        return out["pool"], out["test"]
+    root = jr.PRNGKey(config.seed)
+    if config.data.one_ensemble:
+        n_pool = config.data.n_pool_trajectories
+        spec = dict(specs["pool"], n_trajectories=n_pool + config.data.n_test_trajectories)
+        traj, seconds = _simulate(system, jr.fold_in(root, 0), spec)
+        made = {"pool": (traj.xs[:n_pool], seconds), "test": (traj.xs[n_pool:], seconds)}
+        made = {split: (traj.times, *made[split]) for split in splits}
+    else:
+        made = {}
+        for split in missing:
+            traj, seconds = _simulate(system, jr.fold_in(root, {"pool": 0, "test": 1}[split]), specs[split])
+            made[split] = (traj.times, traj.xs, seconds)
+    for split in missing:
+        times, xs, seconds = made[split]
+        logging.info("simulated %d %s trajectories (%d frames) in %.1fs", xs.shape[0], split, xs.shape[1], seconds)
+        checkpoint.save_arrays(paths[split], {"times": times, "xs": xs},
+                               {"spec": specs[split], "seconds": seconds, "versions": checkpoint.versions()})
+        out[split] = Trajectories(times, xs, None)
+    return out["pool"], out["test"]
 
 
 def _make_autoencoder(config, system, key) -> Autoencoder:
@@ -110,11 +143,10 @@ def _autoencoder(config, system, pool_xs, workdir) -> Autoencoder:
 def prepare(config, workdir) -> Prepared:
     """Builds the system, loads or makes the trajectories, loads or trains the AE."""
     system = make_system(config.system)
-    validate(config, system.n_observables)
+    validate(config, system.n_observables, system.integrators)
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    pool = _trajectories(config, system, workdir, "pool")
-    test = _trajectories(config, system, workdir, "test")
+    pool, test = _trajectories(config, system, workdir)
     pool_xs = pool.xs.reshape(-1, system.n_dof)  # trajectory-major
     ae = _autoencoder(config, system, pool_xs, workdir)
     z_mean, z_std = data.latent_statistics(ae, pool_xs)
@@ -128,8 +160,9 @@ def _stack(trees):
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
-def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> dict:
-    """Trains one ensemble (a member per seed) with one loss at one force budget.
+def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
+    """Trains one ensemble (a member per seed) with one loss at one force budget,
+    in ``workdir/runs/<run_name(spec, budget, tag)>``.
 
     Each member is an independent experiment with the whole budget: its own
     initialisation and, for ``L_x,p``, its own subsets. Force counts and
@@ -145,7 +178,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
             f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
             f"{prep.pool_xs.shape[0]} (data.n_pool_trajectories) and at least 1 is needed"
         )
-    name = run_name(spec, budget)
+    name = run_name(spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     xs = prep.pool_xs[:n]
     seeds = tuple(cfg.seeds)
@@ -156,7 +189,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
     n_members = len(seeds)
     batch_fn = None
     if loss in ("z", "x"):
-        forces, account = data.label_full(system, xs)
+        forces, account = data.label_full(system, xs, chunk=chunk)
         samples = data.precompute(ae, method, system, loss, xs, forces, chunk=chunk)
         rate_mean, rate_std = data.rate_statistics(system, loss, samples)
         per_member = False
@@ -166,7 +199,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
         member_samples, member_stats, accounts = [], [], []
         for key in label_keys:
             sites = data.draw_sites(system, key, n, k)
-            f_sub, account = data.label_subset(system, xs, sites)
+            f_sub, account = data.label_subset(system, xs, sites, chunk=chunk)
             s = data.precompute(ae, method, system, loss, xs, f_sub, sites, chunk=chunk)
             member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
             member_samples.append(s)
@@ -219,10 +252,51 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str) -> di
     return result
 
 
-def run_name(spec: str, budget: int) -> str:
-    """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``."""
+def run_name(spec: str, budget: int, tag: str = "") -> str:
+    """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
+    (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``)."""
     loss, p = parse_run(spec)
-    return (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
+    return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
+
+
+def _settings(config, spec) -> dict:
+    loss, _ = parse_run(spec)
+    settings = {"train": run_settings(config, loss).to_dict(), "model": config.model.to_dict(),
+                "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:
+    """``run_loss``'s public result, read from ``runs/<name>/result.json`` when a run
+    with the same settings finished there before (so long grids resume and can be
+    split over processes sharing ``workdir``). ``get_prep()`` returns the
+    ``Prepared`` data, called only when a run must train."""
+    name = run_name(spec, budget, tag)
+    path = os.path.join(workdir, "runs", name, "result.json")
+    settings = _settings(config, spec)
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("settings") != settings:
+            raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
+        logging.info("%s: reusing %s", name, path)
+        return result
+    result = public(run_loss(get_prep(), config, spec, budget, workdir, tag))
+    result["settings"] = settings
+    write_json(path, result)
+    return result
+
+
+def memo_prepare(config, workdir: str):
+    """``get_prep`` for ``cached_run``: ``prepare(config, workdir)`` on first call only."""
+    cache = []
+
+    def get_prep() -> Prepared:
+        if not cache:
+            cache.append(prepare(config, workdir))
+        return cache[0]
+
+    return get_prep
 
 
 def _online_force_seconds(system, xs, k, batch_size, n) -> float:
@@ -276,9 +350,6 @@ def plot_rollout(results: list[dict], times, path: str, trajectory: int, observa
     plt.close(fig)
 
 
-OBSERVABLE_NAMES = {"predator_prey": ("mean u (prey)", "mean v (predator)")}
-
-
 def train_and_evaluate(config, workdir: str) -> list[dict]:
     """Runs every loss of ``config.train.runs`` at ``config.train.budget``; see module doc."""
     prep = prepare(config, workdir)
@@ -288,8 +359,18 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")
     plot_rollout(results, prep.test.times, os.path.join(workdir, "rollout.png"), config.eval.plot_trajectory,
-                 OBSERVABLE_NAMES.get(config.system.name, ()))
+                 prep.system.observable_names)
     return results
+
+
+def write_report(out: str, rows: list[dict], text: str, plot) -> None:
+    """Writes ``rows`` to the JSON file ``out``, ``plot(<stem>.png)`` and ``text`` to ``<stem>.md``."""
+    write_json(out, rows)
+    stem = os.path.splitext(out)[0]
+    plot(stem + ".png")
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {out}, {stem}.png, {stem}.md")
 
 
 def write_json(path: str, obj) -> None:

@@ -8,14 +8,9 @@ and a last call over the whole grid only collects.
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
-from absl import logging
 
 from macro_jax import experiment
-from macro_jax.config import parse_run, run_settings
 
 # Published Predator-Prey means over 3 seeds (authors' result.csv), keyed by
 # force budget (site forces) and run; n-equivalent = budget / 100.
@@ -30,33 +25,10 @@ REFERENCE = {
 E_TOL = 3e-3
 
 
-def _settings(config, spec) -> dict:
-    loss, _ = parse_run(spec)
-    return {"train": run_settings(config, loss).to_dict(), "model": config.model.to_dict(),
-            "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
-
-
 def run_sweep(config, workdir: str) -> list[dict]:
-    prep = None
-    results = []
-    for budget in config.sweep.budgets:
-        for spec in config.sweep.runs:
-            name = experiment.run_name(spec, budget)
-            path = os.path.join(workdir, "runs", name, "result.json")
-            settings = json.loads(json.dumps(_settings(config, spec), default=str))
-            if os.path.exists(path):
-                with open(path) as f:
-                    result = json.load(f)
-                if result.get("settings") != settings:
-                    raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
-                logging.info("%s: reusing %s", name, path)
-            else:
-                prep = prep or experiment.prepare(config, workdir)
-                result = experiment.public(experiment.run_loss(prep, config, spec, budget, workdir))
-                result["settings"] = settings
-                experiment.write_json(path, result)
-            results.append(result)
-    return results
+    get_prep = experiment.memo_prepare(config, workdir)
+    return [experiment.cached_run(config, spec, budget, workdir, get_prep)
+            for budget in config.sweep.budgets for spec in config.sweep.runs]
 
 
 def rows(results: list[dict]) -> list[dict]:

@@ -9,7 +9,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from configs import predator_prey
+from configs import lj800, predator_prey
 from macro_jax import checkpoint
 from macro_jax.config import ConfigError, parse_run, subset_size, validate
 from macro_jax.models import OnsagerNet
@@ -33,6 +33,7 @@ from macro_jax.models import OnsagerNet
         ("train.seeds", (1, 1), "train.seeds"),
         ("data.pool_integrator", "leapfrog", "data.pool_integrator"),
         ("model.onsagernet.variant", "C", "model.onsagernet.variant"),
+        ("structures.models", ("mlp", "gpt"), "structures.models"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, match):
@@ -73,6 +74,19 @@ def test_shipped_configs_validate():
         validate(predator_prey.get_config(variant), n_observables=2)
     with pytest.raises(ValueError, match="unknown predator_prey config variant"):
         predator_prey.get_config("huge")
+    for variant in ("", "short", "smoke"):
+        validate(lj800.get_config(variant), n_observables=1, integrators=("velocity_verlet",))
+    with pytest.raises(ValueError, match="unknown lj800 config variant"):
+        lj800.get_config("huge")
+
+
+def test_integrator_must_be_the_systems():
+    config = lj800.get_config("smoke")
+    with pytest.raises(ConfigError, match="data.pool_integrator='velocity_verlet' is invalid: must be one of"):
+        validate(config, 1)  # the default integrators are the ODE ones
+    config.data.test_dt = 0.002
+    with pytest.raises(ConfigError, match="data.test_dt=0.002 is invalid: must equal data.pool_dt"):
+        validate(config, 1, integrators=("velocity_verlet",))  # one_ensemble: one protocol
 
 
 def test_arrays_round_trip_and_detect_corruption(tmp_path):
@@ -118,3 +132,4 @@ def test_run_names_are_flat_directory_names():
 
     assert run_name("xp:1/4", 60_000) == run_name("xp:0.25", 60_000) == "xp_p0.25_budget60000"
     assert run_name("z", 600) == "z_budget600"
+    assert run_name("xp:1/16", 10**6, "mlp") == "mlp_xp_p0.0625_budget1000000"

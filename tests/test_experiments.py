@@ -136,3 +136,39 @@ def test_budget_beyond_pool_names_the_field(smoke_run):
     prep = experiment.prepare(config, smoke_run[0])
     with pytest.raises(ConfigError, match=r"train.budget=10000000 .*\(data.n_pool_trajectories\)"):
         experiment.run_loss(prep, config, "z", 10_000_000, smoke_run[0])
+
+
+def test_lj_structures_smoke(tmp_path):
+    """The LJ-800 protocol on 100 atoms: both latent models, L_z vs L_x,p at one
+    budget, pool and test runs from one MD ensemble, the observable 20 T."""
+    from configs import lj800
+    from macro_jax import structures
+    from macro_jax.observables import temperature
+
+    config = lj800.get_config("smoke")
+    workdir = str(tmp_path)
+    results = structures.run_structures(config, workdir)
+    assert [(r["model"], r["loss"]) for r in results] == [
+        ("mlp", "L_z"), ("mlp", "L_x,p"), ("onsagernet", "L_z"), ("onsagernet", "L_x,p")]
+    for r in results:
+        assert r["n_force_computations"] == config.train.budget == r["n_configs"] * r["sites_per_config"]
+        assert len(r["test_errors"]) == len(config.train.seeds)
+        assert all(np.isfinite(e) and 0 < e < 1 for e in r["test_errors"])
+        assert os.path.exists(os.path.join(workdir, "runs", experiment.run_name(r["run"], r["budget"], r["model"]),
+                                           "members.eqx"))
+    assert results[1]["sites_per_config"] == 10 and results[1]["n_configs"] == 10 * results[0]["n_configs"]
+    rows = structures.rows(results)
+    assert len(rows) == 4 * len(config.train.seeds)
+    assert {"model", "loss", "member", "test_error"} <= set(rows[0])
+    assert "| MLP | L_z |" in structures.table(results)
+
+    prep = experiment.prepare(config, workdir)  # reads the data back
+    n = config.system.params.n_atoms
+    pool = prep.pool_xs.reshape(config.data.n_pool_trajectories, -1, 6 * n)
+    test = prep.test.xs
+    # one ensemble: every run starts from the same minimised positions; T0 differs
+    np.testing.assert_array_equal(pool[0, 0, : 3 * n], test[0, 0, : 3 * n])
+    assert not np.allclose(pool[0, 0, 3 * n:], test[0, 0, 3 * n:])
+    np.testing.assert_allclose(prep.system.observable_fn(test[0, 0]), 20.0 * temperature(test[0, 0], n), rtol=1e-6)
+    again = structures.run_structures(config, workdir)  # resumes: nothing retrains
+    assert [r["test_errors"] for r in again] == [r["test_errors"] for r in results]

@@ -16,8 +16,9 @@ A system is a frozen bundle of pure functions built by a ``make_*`` factory:
   calculator that evaluates every force and slices defeats the method.
 * ``observable_fn(x) -> z*``: the fixed macroscopic observables, shape (d*,).
 * ``site_dofs(sites) -> idx``: the coordinates of ``x`` that ``sites`` own.
-* ``trajectory_fn(key, n) -> Trajectories``: n microscopic trajectories from
-  the system's distribution of initial conditions.
+* ``trajectory_fn(key, n, *, dt, n_steps, save_every, integrator, dtype) ->
+  Trajectories``: n microscopic trajectories from the system's distribution
+  of initial conditions; ``integrators`` lists the integrators it accepts.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class MicroSystem:
     observable_fn: Callable[[Float[Array, " N"]], Float[Array, " d_obs"]]
     site_dofs: Callable[[Int[Array, " k"]], Int[Array, " kd"]]
     trajectory_fn: Callable[..., Trajectories]
+    # Integrators ``trajectory_fn`` accepts, and display names of the observables.
+    integrators: tuple[str, ...] = ("euler", "rk4")
+    observable_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.n_sites * self.dofs_per_site != self.n_dof:

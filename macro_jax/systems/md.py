@@ -27,16 +27,18 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from macro_jax import observables
 from macro_jax.systems.base import Trajectories
-from macro_jax.systems.particles import LIST_SLACK, ParticleCalculator, raise_if, wrap_positions
+from macro_jax.systems.particles import LIST_SLACK, ParticleCalculator, raise_if, use_cell_list, wrap_positions
 
 
 def skin_neighbor_fn(calc: ParticleCalculator, skin: float, capacity_multiplier: float = 1.25):
     """A Dense jax-md neighbour list for ``calc``'s box with cut-off ``cutoff (1 +
     slack) + skin``, reused until some atom moved ``skin / 2`` (consecutive MD or
     FIRE steps, unlike the calculator's own list, which rebuilds on every call)."""
+    list_cutoff = calc.cutoff * (1.0 + LIST_SLACK) + float(skin)
     return partition.neighbor_list(
         calc.displacement_fn, calc.box_size, calc.cutoff * (1.0 + LIST_SLACK), dr_threshold=float(skin),
         capacity_multiplier=capacity_multiplier, format=partition.Dense,
+        disable_cell_list=not use_cell_list(calc.box_size, list_cutoff),
     )
 
 
@@ -200,6 +202,7 @@ def make_nve(
     capacity_multiplier: float = 1.25,
     max_reallocations: int = 4,
     dtype=None,
+    vmap_size: int = 1,
 ):
     """``run(x0) -> (Trajectories, n_reallocations)``: NVE velocity Verlet from each
     state of ``x0`` (6n,) or (B, 6n).
@@ -260,7 +263,12 @@ def make_nve(
         (_, _, _, nbrs), (xs, labels) = jax.lax.scan(frame, (pos, vel, forces, nbrs), None, length=n_frames)
         return xs, labels, nbrs.did_buffer_overflow
 
-    batch_run = jax.jit(jax.vmap(run_one, (0, None, None)), static_argnums=2)
+    def batch_one(x0s, nbrs, store_dtype):
+        # lax.map's batch_size vmaps even a batch of 1, so 1 means no batch_size
+        return jax.lax.map(lambda x0: run_one(x0, nbrs, store_dtype), x0s,
+                           batch_size=vmap_size if vmap_size > 1 else None)
+
+    batch_run = jax.jit(batch_one, static_argnums=2)
 
     def run(x0):
         x0 = jnp.asarray(x0)
@@ -324,8 +332,9 @@ def make_lj_dataset(
     and one velocity draw shared by every run, scaled to each run's T0 (same
     directions). ``same_initial=False`` draws positions (insertion + FIRE) and
     velocities independently per run; minimisation is a host loop over runs.
-    The NVE runs are vmapped, ``batch_size`` at a time (default all), sharing
-    one neighbour-list capacity per batch.
+    The NVE runs go to ``make_nve`` ``batch_size`` at a time (default all),
+    sharing one neighbour-list capacity per batch; ``nve_kwargs`` may set its
+    ``vmap_size`` (runs vmapped together; 1, sequential, is fastest on a CPU).
     """
     n = calc.n_atoms
     t_key, pos_key, vel_key = jr.split(key, 3)

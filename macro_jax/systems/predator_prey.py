@@ -107,4 +107,5 @@ def make_predator_prey(
         observable_fn=observable_fn,
         site_dofs=functools.partial(jnp.asarray, dtype=jnp.int32),
         trajectory_fn=trajectory_fn,
+        observable_names=("mean u (prey)", "mean v (predator)"),
     )
