@@ -132,6 +132,18 @@ def test_neighbor_overflow_is_reallocated_or_raises():
         md.make_nve(calc, 0.001, 20, capacity_multiplier=0.3, max_reallocations=0)(x0)
 
 
+def test_vmapped_runs_equal_sequential_runs():
+    """vmap_size only changes how runs are batched (under vmap the skin list
+    rebuilds every step instead of when needed): same trajectories."""
+    calc = calculator()
+    x0 = jnp.stack([state(T0=0.7, key=1), state(T0=1.3, key=2)])
+    seq = md.make_nve(calc, 0.001, 30, vmap_size=1)(x0)[0]
+    vec = md.make_nve(calc, 0.001, 30, vmap_size=2)(x0)[0]
+    assert seq.xs.shape == (2, 30, 6 * N_ATOMS)
+    np.testing.assert_allclose(np.asarray(vec.xs), np.asarray(seq.xs), rtol=0, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(vec.forces), np.asarray(seq.forces), rtol=0, atol=1e-8)
+
+
 def test_dataset_same_initial_and_independent_runs():
     calc = calculator()
     kw = {"n_steps": 5, "minimize_kwargs": MINIMIZE}
