@@ -87,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
     # "offline": labels drawn once per configuration before training;
     # "online": the jitted step draws sites and computes their forces (xp only).
     c.train.label_mode = "offline"
+    # L_x,p only. False: each member draws its own subsets (members are
+    # independent experiments, as the reference's Predator-Prey seeds). True:
+    # one draw labels every member, which then differ only in initialisation
+    # and shuffling (the reference's LJ ensembles; labels and memory paid once).
+    c.train.shared_subsets = False
     c.train.seeds = (1, 2, 3)  # one ensemble member per seed, trained in one vmap
     c.train.epochs = 2000
     c.train.batch_size = 256

@@ -74,6 +74,9 @@ def get_config(variant: str = ""):
     c.train.min_lr = 1e-5
     c.train.log_every = 100
     c.train.per_loss = {"xp": {"batch_size": 512}}
+    # The reference's ensemble: members share the data (for L_x,p: the same 50
+    # atoms per configuration) and differ in initialisation and shuffling.
+    c.train.shared_subsets = True
     c.train.precompute_chunk = 256
 
     # The rollout steps at the MD dt (RK4, 249 steps), scored on T.

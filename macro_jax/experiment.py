@@ -164,9 +164,9 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     """Trains one ensemble (a member per seed) with one loss at one force budget,
     in ``workdir/runs/<run_name(spec, budget, tag)>``.
 
-    Each member is an independent experiment with the whole budget: its own
-    initialisation and, for ``L_x,p``, its own subsets. Force counts and
-    seconds are per member.
+    Each member has the whole budget and its own initialisation; for
+    ``L_x,p`` also its own subsets unless ``train.shared_subsets`` (then one
+    draw labels all). Force counts and seconds are per member.
     """
     loss, p = parse_run(spec)
     system, ae = prep.system, prep.ae
@@ -196,15 +196,17 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         stats = tuple(jnp.broadcast_to(s, (n_members, *s.shape)) for s in (prep.z_mean, prep.z_std, rate_mean, rate_std))
         n_forces, force_seconds = account.n_forces, account.seconds
     else:
+        # shared_subsets: one draw (the first member's key) labels every member
+        draws = label_keys[:1] if cfg.shared_subsets else label_keys
         member_samples, member_stats, accounts = [], [], []
-        for key in label_keys:
+        for key in draws:
             sites = data.draw_sites(system, key, n, k)
             f_sub, account = data.label_subset(system, xs, sites, chunk=chunk)
             s = data.precompute(ae, method, system, loss, xs, f_sub, sites, chunk=chunk)
             member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
             member_samples.append(s)
             accounts.append(account)
-        stats = _stack(member_stats)
+        stats = _stack(member_stats * (n_members // len(draws)))
         n_forces = accounts[0].n_forces
         force_seconds = float(np.mean([a.seconds for a in accounts]))
         if cfg.label_mode == "online":
@@ -214,6 +216,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
             batch_fn = data.make_online_batch_fn(system, ae, method, k)
             n_forces += cfg.epochs * n * k
             force_seconds += cfg.epochs * _online_force_seconds(system, xs, k, cfg.batch_size, n)
+        elif cfg.shared_subsets:
+            samples, per_member = member_samples[0], False
         else:
             samples, per_member = _stack(member_samples), True
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
@@ -234,6 +238,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "n_force_computations": int(n_forces),
         "force_seconds": float(force_seconds),
         "label_mode": cfg.label_mode if loss == "xp" else "offline",
+        "shared_subsets": bool(cfg.shared_subsets) if loss == "xp" else None,
         "seeds": list(seeds),
         "test_errors": member_errors.tolist(),
         "test_error_mean": float(np.mean(member_errors)),

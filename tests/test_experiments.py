@@ -157,6 +157,7 @@ def test_lj_structures_smoke(tmp_path):
         assert os.path.exists(os.path.join(workdir, "runs", experiment.run_name(r["run"], r["budget"], r["model"]),
                                            "members.eqx"))
     assert results[1]["sites_per_config"] == 10 and results[1]["n_configs"] == 10 * results[0]["n_configs"]
+    assert results[1]["shared_subsets"] is True and results[0]["shared_subsets"] is None  # the reference ensemble
     rows = structures.rows(results)
     assert len(rows) == 4 * len(config.train.seeds)
     assert {"model", "loss", "member", "test_error"} <= set(rows[0])
