@@ -40,8 +40,8 @@ from macro_jax.systems.particles import make_particle_calculator  # noqa: E402
 _OUT = flags.DEFINE_string("out", "benchmarks/results/lj_train_step_cpu.json", "JSON output.")
 _MODELS = flags.DEFINE_list("models", ["onsagernet", "mlp"], "Latent models to time.")
 _MEMBERS = flags.DEFINE_integer("members", 10, "Ensemble members trained in one vmap.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Training steps per timed epoch.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed epochs per measurement.")
+_STEPS = flags.DEFINE_integer("steps", 4, "Training steps per timed epoch.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed epochs per measurement.")
 
 
 def _epoch_seconds(config, model, sample_loss, rows, stats, n, batch_size, batch_fn, per_member):
@@ -74,7 +74,7 @@ def main(argv):
     n_runs = math.ceil(n_xp / 250)
     traj = md.make_lj_dataset(calc, jr.PRNGKey(0), n_runs, dtype=jnp.float32).trajectories
     xs = traj.xs.reshape(-1, system.n_dof)[:n_xp]
-    ae = Autoencoder(system.n_dof, 1, 31, (64, 64), "softplus", system.observable_fn, bias_init="zeros",
+    ae = Autoencoder(system.n_dof, 1, 31, (64, 64), "softplus", system.observable_fn, decoder_uses_observables=False, bias_init="zeros",
                      key=jr.PRNGKey(2))
     z_mean, z_std = data.latent_statistics(ae, xs)
     method = "linear_first_layer"
