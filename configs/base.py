@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.plateau_rtol = 1e-4
     c.train.min_lr = 5e-6
     c.train.log_every = 100
+    # Save the training state to runs/<run>/resume.eqx every this many epochs
+    # (0 = never); an interrupted run started again continues from it and ends
+    # with the same numbers as an uninterrupted one.
+    c.train.checkpoint_every = 0
     # Per-loss overrides of the fields above, e.g. {"z": {"patience": 50}}.
     c.train.per_loss = ml_collections.ConfigDict()
     c.train.precompute_chunk = 1024  # configurations per precompute batch (bounds memory)

@@ -73,6 +73,7 @@ def get_config(variant: str = ""):
     c.train.patience = 200
     c.train.min_lr = 1e-5
     c.train.log_every = 100
+    c.train.checkpoint_every = 50  # hours-long runs: resumable
     c.train.per_loss = {"xp": {"batch_size": 512}}
     # The reference's ensemble: members share the data (for L_x,p: the same 50
     # atoms per configuration) and differ in initialisation and shuffling.

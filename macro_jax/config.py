@@ -123,6 +123,7 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         for field in ("epochs", "batch_size"):
             _require(int(s[field]) >= 1, name(field), s[field], "must be an integer >= 1")
         _require(s.patience >= 0, name("patience"), s.patience, "must be >= 0")
+        _require(int(s.checkpoint_every) >= 0, name("checkpoint_every"), s.checkpoint_every, "must be >= 0 (0 = never)")
         _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")

@@ -222,8 +222,11 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
             samples, per_member = _stack(member_samples), True
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
     start = time.perf_counter()
+    run_dir = os.path.join(workdir, "runs", name)
+    resume_path = os.path.join(run_dir, "resume.eqx")
     nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
-                                         per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ")
+                                         per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
+                                         resume_path=resume_path, resume_expect={"settings": _settings(config, spec)})
     train_seconds = time.perf_counter() - start
     errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.xs, prep.test.times,
                                                               substeps=config.eval.substeps)
@@ -247,11 +250,13 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "train_seconds": train_seconds,
         "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
     }
-    run_dir = os.path.join(workdir, "runs", name)
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
     np.savez(os.path.join(run_dir, "history.npz"), **history)
     write_json(os.path.join(run_dir, "result.json"), result)
+    for path in (resume_path, resume_path + ".json"):  # the run is complete
+        if os.path.exists(path):
+            os.remove(path)
     logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
     result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(true_obs)
     return result
@@ -264,11 +269,24 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
     return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
 
 
+# train fields that change how a run is logged or saved, not its numbers
+_BOOKKEEPING = ("log_every", "checkpoint_every")
+
+
 def _settings(config, spec) -> dict:
+    """Everything a run's numbers depend on (JSON-normalised)."""
     loss, _ = parse_run(spec)
-    settings = {"train": run_settings(config, loss).to_dict(), "model": config.model.to_dict(),
+    train_settings = {k: v for k, v in run_settings(config, loss).to_dict().items() if k not in _BOOKKEEPING}
+    settings = {"train": train_settings, "model": config.model.to_dict(),
                 "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
     return json.loads(json.dumps(settings, default=str))
+
+
+def _same_settings(saved: dict | None, settings: dict) -> bool:
+    if not saved:
+        return False
+    saved = dict(saved, train={k: v for k, v in saved.get("train", {}).items() if k not in _BOOKKEEPING})
+    return saved == settings
 
 
 def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:
@@ -282,7 +300,7 @@ def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str 
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
-        if result.get("settings") != settings:
+        if not _same_settings(result.get("settings"), settings):
             raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
         logging.info("%s: reusing %s", name, path)
         return result

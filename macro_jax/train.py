@@ -9,6 +9,7 @@ and a reduce-on-plateau scale that reads the mean training loss of each epoch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, NamedTuple
 
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from macro_jax import losses
+from macro_jax import checkpoint, losses
 from macro_jax.models.latent import NormalisedField
 
 
@@ -165,8 +166,16 @@ def train_ensemble(
     per_member_data: bool,
     batch_fn: Callable | None = None,
     log_prefix: str = "",
+    resume_path: str | None = None,
+    resume_expect: dict | None = None,
 ):
     """Trains a batch of latent nets (leading member axis) in one vmap.
+
+    With ``resume_path`` and ``cfg.checkpoint_every > 0`` the state (params,
+    optimiser, history, epoch) is saved there every ``checkpoint_every``
+    epochs, and a later call finding the file (with metadata ``resume_expect``)
+    continues from it; epochs are deterministic in (key, epoch), so a resumed
+    run equals an uninterrupted one. The file is left for the caller to delete.
 
     ``samples``: per-configuration loss inputs (leading member axis if
     ``per_member_data``); ``stats``: the normalisation tuple, per member
@@ -186,9 +195,20 @@ def train_ensemble(
     data_axis = 0 if per_member_data else None
     epoch_v = jax.jit(jax.vmap(epoch, in_axes=(0, 0, data_axis, 0, 0, None)), donate_argnums=(0, 1))
 
-    history = {"loss": [], "grad_norm": [], "lr": []}
+    names = ("loss", "grad_norm", "lr")
+    history = {k: [] for k in names}
+    every = int(cfg.get("checkpoint_every", 0) or 0) if resume_path else 0
+    first = 0
+    if every and os.path.exists(resume_path):
+        n_members = jax.tree_util.tree_leaves(params)[0].shape[0]
+        skeleton = {"params": params, "opt_state": opt_state, "epoch": jnp.zeros((), jnp.int32),
+                    "history": {k: jnp.zeros((cfg.epochs, n_members), jnp.float64) for k in names}}
+        state = checkpoint.load_model(resume_path, skeleton, expect=resume_expect)
+        params, opt_state, first = state["params"], state["opt_state"], int(state["epoch"])
+        history = {k: list(np.asarray(state["history"][k][:first])) for k in names}
+        logging.info("%sresuming at epoch %d/%d from %s", log_prefix, first + 1, cfg.epochs, resume_path)
     start = time.perf_counter()
-    for e in range(cfg.epochs):
+    for e in range(first, cfg.epochs):
         params, opt_state, metrics = epoch_v(params, opt_state, samples, stats, keys, e)
         loss = np.asarray(metrics["loss"])
         if not np.all(np.isfinite(loss)):
@@ -205,6 +225,12 @@ def train_ensemble(
                 "%sepoch %d/%d loss %s lr %.2e (%.1fs)", log_prefix, e + 1, cfg.epochs,
                 np.array2string(loss, precision=3), history["lr"][-1].max(), time.perf_counter() - start,
             )
+        if every and (e + 1) % every == 0 and e + 1 < cfg.epochs:
+            padded = {k: np.concatenate([np.stack(v), np.zeros((cfg.epochs - e - 1, *v[0].shape))])
+                      for k, v in history.items()}
+            state = {"params": params, "opt_state": opt_state, "epoch": jnp.asarray(e + 1, jnp.int32),
+                     "history": {k: jnp.asarray(v, jnp.float64) for k, v in padded.items()}}
+            checkpoint.save_model(resume_path, state, resume_expect or {})
     history = {k: np.stack(v) for k, v in history.items()}
     return eqx.combine(params, static), history
 
