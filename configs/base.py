@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 0
     # Per-loss overrides of the fields above, e.g. {"z": {"patience": 50}}.
     c.train.per_loss = ml_collections.ConfigDict()
-    c.train.precompute_chunk = 1024  # configurations per precompute batch (bounds memory)
+    c.train.precompute_chunk = 1024  # configurations per labelling and precompute batch (bounds memory)
 
     # ---------------------------------------------------------------- evaluation
     c.eval = ml_collections.ConfigDict()
