@@ -20,13 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    logging.info("config:\n%s", config)
-    results = structures.run_structures(config, _WORKDIR.value)
-    text = structures.table(results)
-    print(text)
-    if _OUT.value:
-        experiment.write_report(_OUT.value, structures.rows(results), text, lambda path: structures.boxplot(results, path))
+    logging.info("config:\n%s", _CONFIG.value)
+    results = structures.run_structures(_CONFIG.value, _WORKDIR.value)
+    experiment.report(results, _OUT.value, structures.table, structures.rows, structures.boxplot)
 
 
 if __name__ == "__main__":

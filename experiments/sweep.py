@@ -22,11 +22,8 @@ def main(argv):
     config = _CONFIG.value
     logging.info("config:\n%s", config)
     results = sweep.run_sweep(config, _WORKDIR.value)
-    text = sweep.table(results, config.system.name)
-    print(text)
-    if _OUT.value:
-        experiment.write_report(_OUT.value, sweep.rows(results), text,
-                                lambda path: sweep.plot(results, config.system.name, path))
+    experiment.report(results, _OUT.value, lambda rs: sweep.table(rs, config.system.name), sweep.rows,
+                      lambda rs, path: sweep.plot(rs, config.system.name, path))
 
 
 if __name__ == "__main__":

@@ -386,11 +386,16 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     return results
 
 
-def write_report(out: str, rows: list[dict], text: str, plot) -> None:
-    """Writes ``rows`` to the JSON file ``out``, ``plot(<stem>.png)`` and ``text`` to ``<stem>.md``."""
-    write_json(out, rows)
+def report(results: list[dict], out: str | None, table, rows, plot) -> None:
+    """Prints ``table(results)``; with ``out``, writes ``rows(results)`` to the JSON
+    file ``out``, ``plot(results, <stem>.png)`` and the table to ``<stem>.md``."""
+    text = table(results)
+    print(text)
+    if not out:
+        return
+    write_json(out, rows(results))
     stem = os.path.splitext(out)[0]
-    plot(stem + ".png")
+    plot(results, stem + ".png")
     with open(stem + ".md", "w") as f:
         f.write(text + "\n")
     print(f"wrote {out}, {stem}.png, {stem}.md")

@@ -62,11 +62,20 @@ def rows(results: list[dict]) -> list[dict]:
     ]
 
 
+def _reference(r: dict):
+    """The reference's per-member errors for a result of the LJ-800 protocol (800
+    atoms, 1e6 atom forces, 50-atom subsets), else None."""
+    if r["budget"] != 1_000_000 or r["n_configs"] * r["sites_per_config"] != 1_000_000 or \
+            r["sites_per_config"] not in (800, 50):
+        return None
+    return REFERENCE.get(r["model"], {}).get(r["loss"])
+
+
 def table(results: list[dict]) -> str:
     lines = ["| latent model | loss | configurations x atoms | ours: mean ± std (members) | reference: mean ± std "
              "| ours / reference |", "|---|---|---|---|---|---|"]
     for r in results:
-        ref = REFERENCE.get(r["model"], {}).get(r["loss"])
+        ref = _reference(r)
         label = r["loss"] + (f" (p={r['p']:g})" if r["loss"] == "L_x,p" else "")
         ref_text = f"{np.mean(ref):.2e} ± {np.std(ref):.1e}" if ref else "–"
         ratio = f"{r['test_error_mean'] / np.mean(ref):.2f}" if ref else "–"
@@ -89,7 +98,7 @@ def boxplot(results: list[dict], path: str) -> None:
         data.append(r["test_errors"])
         labels.append(f"{name}\nours")
         colors.append("tab:blue" if r["loss"] == "L_x,p" else "tab:orange")
-        ref = REFERENCE.get(r["model"], {}).get(r["loss"])
+        ref = _reference(r)
         if ref:
             data.append(ref)
             labels.append(f"{name}\nreference")

@@ -161,7 +161,7 @@ def test_lj_structures_smoke(tmp_path):
     rows = structures.rows(results)
     assert len(rows) == 4 * len(config.train.seeds)
     assert {"model", "loss", "member", "test_error"} <= set(rows[0])
-    assert "| MLP | L_z |" in structures.table(results)
+    assert "| MLP | L_z | 20 x 100 |" in structures.table(results) and "2.60e-02" not in structures.table(results)
 
     prep = experiment.prepare(config, workdir)  # reads the data back
     n = config.system.params.n_atoms
