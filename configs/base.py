@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- latent model
     c.model = ml_collections.ConfigDict()
-    c.model.name = "onsagernet"  # "onsagernet" or "mlp"
+    c.model.name = "onsagernet"  # "onsagernet", "mlp" or "gfinn"
     c.model.onsagernet = ml_collections.ConfigDict()
     # "separate" (reference Predator-Prey: tanh heads, no forcing) or
     # "shared" (reference Allen-Cahn / LJ: residual trunk, forcing).
@@ -74,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mlp = ml_collections.ConfigDict()
     c.model.mlp.widths = (256, 256)
     c.model.mlp.activation = "relu"
+    # GFINN (GENERIC form L grad E + M grad S, degeneracies by construction).
+    c.model.gfinn = ml_collections.ConfigDict()
+    c.model.gfinn.rank = 0  # K, the number of skew matrices per operator; 0 = latent_dim (reference)
+    c.model.gfinn.widths = (256, 256)  # hidden widths of E, S and the Sigma networks
+    c.model.gfinn.activation = "tanh"
 
     # ---------------------------------------------------------------- latent dynamics (stage 2)
     c.train = ml_collections.ConfigDict()

@@ -277,15 +277,21 @@ def _settings(config, spec) -> dict:
     """Everything a run's numbers depend on (JSON-normalised)."""
     loss, _ = parse_run(spec)
     train_settings = {k: v for k, v in run_settings(config, loss).to_dict().items() if k not in _BOOKKEEPING}
-    settings = {"train": train_settings, "model": config.model.to_dict(),
+    settings = {"train": train_settings, "model": _chosen_model(config.model.to_dict()),
                 "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
     return json.loads(json.dumps(settings, default=str))
+
+
+def _chosen_model(model: dict) -> dict:
+    """The model name and its own settings (other models' fields do not matter)."""
+    return {"name": model["name"], model["name"]: model.get(model["name"])}
 
 
 def _same_settings(saved: dict | None, settings: dict) -> bool:
     if not saved:
         return False
-    saved = dict(saved, train={k: v for k, v in saved.get("train", {}).items() if k not in _BOOKKEEPING})
+    saved = dict(saved, train={k: v for k, v in saved.get("train", {}).items() if k not in _BOOKKEEPING},
+                 model=_chosen_model(saved.get("model", {"name": None})))
     return saved == settings
 
 

@@ -23,7 +23,7 @@ from macro_jax.models import OnsagerNet
         ("train.runs", ("xp:-0.2",), "must be in \\(0, 1\\]"),
         ("train.runs", ("xp:abc",), "p must be a number"),
         ("train.runs", ("lz",), "loss 'lz' is not one of"),
-        ("model.name", "transformer", "model.name='transformer' is invalid: must be one of \\['mlp', 'onsagernet'\\]"),
+        ("model.name", "transformer", "model.name='transformer' is invalid: must be one of \\['mlp', 'onsagernet', 'gfinn'\\]"),
         ("autoencoder.latent_dim", 2, "autoencoder.latent_dim=2 is invalid: must exceed the number of observables \\(2\\)"),
         ("autoencoder.latent_dim", 1, "autoencoder.latent_dim=1"),
         ("autoencoder.lambda_cond", -1.0, "autoencoder.lambda_cond"),

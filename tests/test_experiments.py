@@ -139,8 +139,8 @@ def test_budget_beyond_pool_names_the_field(smoke_run):
 
 
 def test_lj_structures_smoke(tmp_path):
-    """The LJ-800 protocol on 100 atoms: both latent models, L_z vs L_x,p at one
-    budget, pool and test runs from one MD ensemble, the observable 20 T."""
+    """The LJ-800 protocol on 100 atoms: the three latent models, L_z vs L_x,p at
+    one budget, pool and test runs from one MD ensemble, the observable 20 T."""
     from configs import lj800
     from macro_jax import structures
     from macro_jax.observables import temperature
@@ -149,7 +149,8 @@ def test_lj_structures_smoke(tmp_path):
     workdir = str(tmp_path)
     results = structures.run_structures(config, workdir)
     assert [(r["model"], r["loss"]) for r in results] == [
-        ("mlp", "L_z"), ("mlp", "L_x,p"), ("onsagernet", "L_z"), ("onsagernet", "L_x,p")]
+        ("mlp", "L_z"), ("mlp", "L_x,p"), ("onsagernet", "L_z"), ("onsagernet", "L_x,p"),
+        ("gfinn", "L_z"), ("gfinn", "L_x,p")]
     for r in results:
         assert r["n_force_computations"] == config.train.budget == r["n_configs"] * r["sites_per_config"]
         assert len(r["test_errors"]) == len(config.train.seeds)
@@ -159,7 +160,7 @@ def test_lj_structures_smoke(tmp_path):
     assert results[1]["sites_per_config"] == 10 and results[1]["n_configs"] == 10 * results[0]["n_configs"]
     assert results[1]["shared_subsets"] is True and results[0]["shared_subsets"] is None  # the reference ensemble
     rows = structures.rows(results)
-    assert len(rows) == 4 * len(config.train.seeds)
+    assert len(rows) == 6 * len(config.train.seeds)
     assert {"model", "loss", "member", "test_error"} <= set(rows[0])
     assert "| MLP | L_z | 20 x 100 |" in structures.table(results) and "2.60e-02" not in structures.table(results)
 

@@ -77,3 +77,29 @@ def test_autoencoder_latent_starts_with_observables():
     assert ae.latent_dim == 5 and z.shape == (5,)
     np.testing.assert_allclose(np.asarray(z[:2]), [float(x[:50].mean()), float(x[50:].mean())], rtol=1e-6)
     assert ae(x).shape == x.shape
+
+
+def test_gfinn_generic_structure_holds_by_construction():
+    """L skew, M symmetric PSD, L grad S = 0 and M grad E = 0 at random points, so
+    along the field dE/dt = grad E . g = 0 and dS/dt = grad S . g >= 0."""
+    from macro_jax.models import GFINN
+
+    net = GFINN(6, widths=(16, 16), key=jr.PRNGKey(0))
+    for z in jr.normal(jr.PRNGKey(1), (5, 6), jnp.float32):
+        l_op, m_op, grad_e, grad_s = net.operators(z)
+        scale = float(jnp.max(jnp.abs(l_op)) + jnp.max(jnp.abs(m_op)))
+        assert scale > 1e-6  # the operators are not trivially zero
+        np.testing.assert_allclose(l_op, -l_op.T, atol=1e-6 * scale)
+        np.testing.assert_allclose(m_op, m_op.T, atol=1e-6 * scale)
+        assert float(jnp.min(jnp.linalg.eigvalsh(m_op.astype(jnp.float64)))) > -1e-6 * scale
+        np.testing.assert_allclose(l_op @ grad_s, 0.0, atol=1e-6 * scale * float(jnp.linalg.norm(grad_s)))
+        np.testing.assert_allclose(m_op @ grad_e, 0.0, atol=1e-6 * scale * float(jnp.linalg.norm(grad_e)))
+        g = net(0.0, z)
+        assert abs(float(grad_e @ g)) < 1e-5 * float(jnp.linalg.norm(grad_e) * jnp.linalg.norm(g))
+        assert float(grad_s @ g) > -1e-5 * float(jnp.linalg.norm(grad_s) * jnp.linalg.norm(g))
+
+
+def test_gfinn_parameter_count_matches_reference():
+    from macro_jax.models import GFINN
+
+    assert count_params(GFINN(32, widths=(256, 256), key=jr.PRNGKey(0))) == 889_346

@@ -2,6 +2,7 @@
 
 from macro_jax.models.autoencoder import Autoencoder
 from macro_jax.models.latent import (
+    GFINN,
     LATENT_MODELS,
     LatentMLP,
     NormalisedField,
@@ -12,6 +13,7 @@ from macro_jax.models.latent import (
 
 __all__ = [
     "Autoencoder",
+    "GFINN",
     "LATENT_MODELS",
     "LatentMLP",
     "NormalisedField",

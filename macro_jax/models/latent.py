@@ -1,4 +1,4 @@
-"""Latent vector fields ``g(t, z, args)``: an MLP and OnsagerNet.
+"""Latent vector fields ``g(t, z, args)``: an MLP, OnsagerNet and GFINN.
 
 OnsagerNet carries its structure by construction::
 
@@ -131,6 +131,73 @@ class OnsagerNet(eqx.Module):
         return g
 
 
+class _GenericBracket(eqx.Module):
+    """One GENERIC operator built around a scalar network ``F`` (S or E):
+    ``A(z) = B^T Sigma(z) B`` with ``B`` (K, d) of rows ``grad F^T xi_k``, each
+    ``xi_k`` skew (d, d), so ``A grad F = 0`` by construction; ``Sigma`` is
+    ``C - C^T`` (skew: A is skew) or ``C C^T`` (PSD: A is symmetric PSD) with
+    ``C(z)`` (K, K) from a network."""
+
+    scalar: MLP
+    sigma_net: MLP
+    xi: jax.Array  # (K, d, d); only the strictly upper triangles are used
+    symmetric: bool = eqx.field(static=True)
+    rank: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, rank: int, widths: Sequence[int], act: str, symmetric: bool, *, key):
+        k1, k2, k3 = jr.split(key, 3)
+        kw = {"weight": "xavier_uniform", "bias": "zeros"}
+        self.scalar = MLP([dim, *widths, 1], act, key=k1, **kw)
+        self.sigma_net = MLP([dim, *widths, rank * rank], act, key=k2, **kw)
+        self.xi = 0.1 * jr.normal(k3, (rank, dim, dim), DTYPE)
+        self.symmetric = symmetric
+        self.rank = rank
+
+    def value_and_grad(self, z):
+        return jax.value_and_grad(lambda z: self.scalar(z)[0])(z)
+
+    def operator(self, z, grad_f):
+        upper = jnp.triu(self.xi, 1)
+        xi = upper - jnp.swapaxes(upper, 1, 2)  # (K, d, d) skew
+        b = jnp.einsum("i,kij->kj", grad_f, xi)  # rows grad F^T xi_k, so B grad F = 0
+        c = self.sigma_net(z).reshape(self.rank, self.rank)
+        sigma = c @ c.T if self.symmetric else c - c.T
+        return b.T @ sigma @ b
+
+
+class GFINN(eqx.Module):
+    """GENERIC-formalism informed network (reference: gfinn_gc, as in the LJ code)::
+
+        g(z) = L(z) grad E(z) + M(z) grad S(z)
+
+    with L skew and L grad S = 0 (built around S), M symmetric PSD and
+    M grad E = 0 (built around E). Then dE/dt = 0 and dS/dt >= 0 exactly.
+    E and S are tanh MLPs (d -> widths -> 1), each operator has its own MLP
+    (d -> widths -> K^2) and its own K skew matrices (init N(0, 0.1^2)).
+    The reference (d = K = 32, widths (256, 256)) has 889,346 parameters.
+    """
+
+    poisson: _GenericBracket  # L, around S
+    friction: _GenericBracket  # M, around E
+
+    def __init__(self, dim: int, rank: int | None = None, widths: Sequence[int] = (256, 256), act: str = "tanh",
+                 *, key):
+        k1, k2 = jr.split(key)
+        rank = dim if rank is None else rank
+        self.poisson = _GenericBracket(dim, rank, widths, act, symmetric=False, key=k1)
+        self.friction = _GenericBracket(dim, rank, widths, act, symmetric=True, key=k2)
+
+    def operators(self, z):
+        """(L, M, grad E, grad S) at z."""
+        _, grad_s = self.poisson.value_and_grad(z)
+        _, grad_e = self.friction.value_and_grad(z)
+        return self.poisson.operator(z, grad_s), self.friction.operator(z, grad_e), grad_e, grad_s
+
+    def __call__(self, t, z, args=None):
+        l_op, m_op, grad_e, grad_s = self.operators(z)
+        return l_op @ grad_e + m_op @ grad_s
+
+
 class NormalisedField(eqx.Module):
     """The physical field ``g(z) = net((z - z_mean) / z_std) * rate_std + rate_mean``.
 
@@ -151,7 +218,7 @@ class NormalisedField(eqx.Module):
         return self.net(t, zn, args) * stop(self.rate_std) + stop(self.rate_mean)
 
 
-LATENT_MODELS = ("mlp", "onsagernet")
+LATENT_MODELS = ("mlp", "onsagernet", "gfinn")
 
 
 def make_latent_model(model_config, dim: int, *, key) -> eqx.Module:
@@ -168,6 +235,9 @@ def make_latent_model(model_config, dim: int, *, key) -> eqx.Module:
             matrix_widths=tuple(c.matrix_widths),
             key=key,
         )
+    if model_config.name == "gfinn":
+        c = model_config.gfinn
+        return GFINN(dim, c.rank or None, tuple(c.widths), c.activation, key=key)
     raise ValueError(f"model.name={model_config.name!r} is not one of {list(LATENT_MODELS)}")
 
 
