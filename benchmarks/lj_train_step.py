@@ -92,7 +92,8 @@ def main(argv):
     device = common.device_description()
     rows = []
     for model in _MODELS.value:
-        # offline: every member trains on the same precomputed labels here (timing only)
+        # offline: per-member label arrays (the independent-subsets layout, the heavier
+        # gather; with train.shared_subsets the members read one shared array)
         s_members = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (members, *a.shape)), s_xp)
         cases = [
             ("offline_xp", loss_xp, s_members, stats, n_xp, batch_xp, None, True),

@@ -16,6 +16,7 @@ Everything is reused on a second call when its metadata matches the config.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -92,14 +93,13 @@ def _trajectories(config, system, workdir) -> tuple[Trajectories, Trajectories]:
     if not missing:
         return out["pool"], out["test"]
     root = jr.PRNGKey(config.seed)
+    made = {}  # split -> (times, xs, seconds)
     if config.data.one_ensemble:
         n_pool = config.data.n_pool_trajectories
         spec = dict(specs["pool"], n_trajectories=n_pool + config.data.n_test_trajectories)
         traj, seconds = _simulate(system, jr.fold_in(root, 0), spec)
-        made = {"pool": (traj.xs[:n_pool], seconds), "test": (traj.xs[n_pool:], seconds)}
-        made = {split: (traj.times, *made[split]) for split in splits}
+        made = {"pool": (traj.times, traj.xs[:n_pool], seconds), "test": (traj.times, traj.xs[n_pool:], seconds)}
     else:
-        made = {}
         for split in missing:
             traj, seconds = _simulate(system, jr.fold_in(root, {"pool": 0, "test": 1}[split]), specs[split])
             made[split] = (traj.times, traj.xs, seconds)
@@ -160,6 +160,11 @@ def _stack(trees):
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
 
 
+def _broadcast(arrays, n_members: int):
+    """The same arrays for every member (leading member axis)."""
+    return tuple(jnp.broadcast_to(a, (n_members, *a.shape)) for a in arrays)
+
+
 def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
     """Trains one ensemble (a member per seed) with one loss at one force budget,
     in ``workdir/runs/<run_name(spec, budget, tag)>``.
@@ -193,7 +198,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         samples = data.precompute(ae, method, system, loss, xs, forces, chunk=chunk)
         rate_mean, rate_std = data.rate_statistics(system, loss, samples)
         per_member = False
-        stats = tuple(jnp.broadcast_to(s, (n_members, *s.shape)) for s in (prep.z_mean, prep.z_std, rate_mean, rate_std))
+        stats = _broadcast((prep.z_mean, prep.z_std, rate_mean, rate_std), n_members)
         n_forces, force_seconds = account.n_forces, account.seconds
     else:
         # shared_subsets: one draw (the first member's key) labels every member
@@ -206,7 +211,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
             member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
             member_samples.append(s)
             accounts.append(account)
-        stats = _stack(member_stats * (n_members // len(draws)))
+        stats = _broadcast(member_stats[0], n_members) if cfg.shared_subsets else _stack(member_stats)
         n_forces = accounts[0].n_forces
         force_seconds = float(np.mean([a.seconds for a in accounts]))
         if cfg.label_mode == "online":
@@ -273,26 +278,21 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
 _BOOKKEEPING = ("log_every", "checkpoint_every")
 
 
+def _normalised(settings: dict) -> dict:
+    """``settings`` without bookkeeping fields and other latent models' fields, so
+    that results saved before such fields existed still compare equal."""
+    model = settings.get("model", {})
+    name = model.get("name")
+    return dict(settings, train={k: v for k, v in settings.get("train", {}).items() if k not in _BOOKKEEPING},
+                model={"name": name, name: model.get(name)})
+
+
 def _settings(config, spec) -> dict:
     """Everything a run's numbers depend on (JSON-normalised)."""
     loss, _ = parse_run(spec)
-    train_settings = {k: v for k, v in run_settings(config, loss).to_dict().items() if k not in _BOOKKEEPING}
-    settings = {"train": train_settings, "model": _chosen_model(config.model.to_dict()),
+    settings = {"train": run_settings(config, loss).to_dict(), "model": config.model.to_dict(),
                 "autoencoder": config.autoencoder.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
-    return json.loads(json.dumps(settings, default=str))
-
-
-def _chosen_model(model: dict) -> dict:
-    """The model name and its own settings (other models' fields do not matter)."""
-    return {"name": model["name"], model["name"]: model.get(model["name"])}
-
-
-def _same_settings(saved: dict | None, settings: dict) -> bool:
-    if not saved:
-        return False
-    saved = dict(saved, train={k: v for k, v in saved.get("train", {}).items() if k not in _BOOKKEEPING},
-                 model=_chosen_model(saved.get("model", {"name": None})))
-    return saved == settings
+    return _normalised(json.loads(json.dumps(settings, default=str)))
 
 
 def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:
@@ -306,7 +306,7 @@ def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str 
     if os.path.exists(path):
         with open(path) as f:
             result = json.load(f)
-        if not _same_settings(result.get("settings"), settings):
+        if _normalised(result.get("settings") or {}) != settings:
             raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
         logging.info("%s: reusing %s", name, path)
         return result
@@ -318,14 +318,7 @@ def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str 
 
 def memo_prepare(config, workdir: str):
     """``get_prep`` for ``cached_run``: ``prepare(config, workdir)`` on first call only."""
-    cache = []
-
-    def get_prep() -> Prepared:
-        if not cache:
-            cache.append(prepare(config, workdir))
-        return cache[0]
-
-    return get_prep
+    return functools.cache(lambda: prepare(config, workdir))
 
 
 def _online_force_seconds(system, xs, k, batch_size, n) -> float:

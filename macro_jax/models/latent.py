@@ -142,7 +142,6 @@ class _GenericBracket(eqx.Module):
     sigma_net: MLP
     xi: jax.Array  # (K, d, d); only the strictly upper triangles are used
     symmetric: bool = eqx.field(static=True)
-    rank: int = eqx.field(static=True)
 
     def __init__(self, dim: int, rank: int, widths: Sequence[int], act: str, symmetric: bool, *, key):
         k1, k2, k3 = jr.split(key, 3)
@@ -151,16 +150,16 @@ class _GenericBracket(eqx.Module):
         self.sigma_net = MLP([dim, *widths, rank * rank], act, key=k2, **kw)
         self.xi = 0.1 * jr.normal(k3, (rank, dim, dim), DTYPE)
         self.symmetric = symmetric
-        self.rank = rank
 
-    def value_and_grad(self, z):
-        return jax.value_and_grad(lambda z: self.scalar(z)[0])(z)
+    def grad(self, z):
+        return jax.grad(lambda z: self.scalar(z)[0])(z)
 
     def operator(self, z, grad_f):
         upper = jnp.triu(self.xi, 1)
         xi = upper - jnp.swapaxes(upper, 1, 2)  # (K, d, d) skew
         b = jnp.einsum("i,kij->kj", grad_f, xi)  # rows grad F^T xi_k, so B grad F = 0
-        c = self.sigma_net(z).reshape(self.rank, self.rank)
+        rank = self.xi.shape[0]
+        c = self.sigma_net(z).reshape(rank, rank)
         sigma = c @ c.T if self.symmetric else c - c.T
         return b.T @ sigma @ b
 
@@ -189,8 +188,8 @@ class GFINN(eqx.Module):
 
     def operators(self, z):
         """(L, M, grad E, grad S) at z."""
-        _, grad_s = self.poisson.value_and_grad(z)
-        _, grad_e = self.friction.value_and_grad(z)
+        grad_s = self.poisson.grad(z)
+        grad_e = self.friction.grad(z)
         return self.poisson.operator(z, grad_s), self.friction.operator(z, grad_e), grad_e, grad_s
 
     def __call__(self, t, z, args=None):

@@ -34,11 +34,11 @@ def skin_neighbor_fn(calc: ParticleCalculator, skin: float, capacity_multiplier:
     """A Dense jax-md neighbour list for ``calc``'s box with cut-off ``cutoff (1 +
     slack) + skin``, reused until some atom moved ``skin / 2`` (consecutive MD or
     FIRE steps, unlike the calculator's own list, which rebuilds on every call)."""
-    list_cutoff = calc.cutoff * (1.0 + LIST_SLACK) + float(skin)
+    cutoff = calc.cutoff * (1.0 + LIST_SLACK)
     return partition.neighbor_list(
-        calc.displacement_fn, calc.box_size, calc.cutoff * (1.0 + LIST_SLACK), dr_threshold=float(skin),
+        calc.displacement_fn, calc.box_size, cutoff, dr_threshold=float(skin),
         capacity_multiplier=capacity_multiplier, format=partition.Dense,
-        disable_cell_list=not use_cell_list(calc.box_size, list_cutoff),
+        disable_cell_list=not use_cell_list(calc.box_size, cutoff + float(skin)),
     )
 
 

@@ -228,7 +228,8 @@ def make_particle_calculator(
       temperature_scale: the observable is ``temperature_scale * T`` (the
         reference stores 20 T; the scale weighs the T row in ``L_z``).
       T0_range: initial temperatures of ``trajectory_fn``'s runs, U(T0_range).
-      md_batch_size: MD runs vmapped together by ``trajectory_fn``.
+      md_batch_size: MD runs per ``md.make_nve`` call of ``trajectory_fn`` (they
+        share one neighbour-list capacity and run one after another).
     """
     n = int(n_atoms)
     box_size = float(box_size)
