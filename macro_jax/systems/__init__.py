@@ -1,5 +1,6 @@
 """Microscopic systems: one protocol (``MicroSystem``), one factory per system."""
 
+from macro_jax.systems.allen_cahn import make_allen_cahn
 from macro_jax.systems.base import MicroSystem, Trajectories, sample_sites
 from macro_jax.systems.predator_prey import make_predator_prey
 
@@ -11,7 +12,7 @@ def _particles(**params) -> MicroSystem:
     return make_particle_system(**params)
 
 
-_FACTORIES = {"predator_prey": make_predator_prey, "particles": _particles}
+_FACTORIES = {"predator_prey": make_predator_prey, "allen_cahn": make_allen_cahn, "particles": _particles}
 
 
 def make_system(system_config) -> MicroSystem:
@@ -22,4 +23,4 @@ def make_system(system_config) -> MicroSystem:
     return _FACTORIES[name](**dict(system_config.params))
 
 
-__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "make_predator_prey"]
+__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "make_predator_prey", "make_allen_cahn"]

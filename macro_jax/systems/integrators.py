@@ -30,10 +30,12 @@ def rk4_step(f, x, dt):
 _STEPS = {"euler": euler_step, "rk4": rk4_step}
 
 
-def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype) -> Trajectories:
+def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_size=None) -> Trajectories:
     """Integrates a batch of initial states ``x0`` (n_traj, N) for ``n_steps``.
 
-    Stores ``n_steps // save_every`` frames, the first at t = 0.
+    Stores ``n_steps // save_every`` frames, the first at t = 0. With
+    ``batch_size``, that many trajectories are vmapped at a time and the
+    batches run one after another (``lax.map``); by default all at once.
     """
     if integrator not in _STEPS:
         raise ValueError(f"integrator={integrator!r} is not one of {INTEGRATORS}")
@@ -54,6 +56,6 @@ def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype) -> Tra
         forces = jax.vmap(force_fn)(xs.astype(jnp.float64)).astype(dtype)
         return xs, forces
 
-    xs, forces = jax.vmap(run)(x0)
+    xs, forces = jax.lax.map(run, x0, batch_size=batch_size) if batch_size else jax.vmap(run)(x0)
     times = (jnp.arange(n_frames) * (save_every * dt)).astype(dtype)
     return Trajectories(times=times, xs=xs, forces=forces)
