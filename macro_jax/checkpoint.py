@@ -2,8 +2,9 @@
 
 * Models: ``equinox.tree_serialise_leaves`` (raw ``.npy`` leaves; loading
   needs a skeleton built from the config, and ``numpy.load`` refuses pickles).
-* Arrays (data sets): ``.npz`` written with ``allow_pickle=False`` plus a JSON
-  sidecar holding metadata and a SHA-256 of the file, checked on load.
+* Arrays (data sets): ``.npz`` (or ``.npy`` for memory-mapped blocks) written
+  with ``allow_pickle=False`` plus a JSON sidecar holding metadata and a
+  SHA-256 of the file, checked on load.
 """
 
 from __future__ import annotations
@@ -76,6 +77,25 @@ def load_arrays(path: str, expect: dict[str, Any] | None = None) -> tuple[dict[s
     except (ValueError, OSError) as e:
         raise DataFileError(f"{path}: cannot be read as an npz archive ({e})") from e
     return arrays, meta
+
+
+def save_npy(path: str, array, metadata: dict[str, Any]) -> None:
+    """One array as ``.npy`` (memory-mappable) plus the JSON sidecar."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, np.asarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+    _write_sidecar(path, metadata)
+
+
+def load_npy(path: str, expect: dict[str, Any] | None = None, mmap: bool = False) -> np.ndarray:
+    """An array saved by ``save_npy`` (checksum and ``expect`` checked); ``mmap``
+    maps it read-only instead of reading it into memory."""
+    _check_sidecar(path, expect)
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataFileError(f"{path}: cannot be read as an npy array ({e})") from e
 
 
 def save_model(path: str, model, metadata: dict[str, Any]) -> None:

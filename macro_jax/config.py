@@ -80,6 +80,11 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         for field in ("integrator", "dt", "steps", "save_every"):
             _require(d[f"test_{field}"] == d[f"pool_{field}"], f"data.test_{field}", d[f"test_{field}"],
                      f"must equal data.pool_{field}={d[f'pool_{field}']!r} when data.one_ensemble is True")
+    _require(int(d.block_trajectories) >= 0, "data.block_trajectories", d.block_trajectories, "must be >= 0 (0 = one call)")
+    _require(not (d.block_trajectories and d.one_ensemble), "data.block_trajectories", d.block_trajectories,
+             "must be 0 when data.one_ensemble is True (one ensemble is one call)")
+    _require(d.pool_keep_above is None or math.isfinite(float(d.pool_keep_above)), "data.pool_keep_above",
+             d.pool_keep_above, "must be None or a finite number")
 
     if n_observables is not None:
         _require(a.latent_dim > n_observables, "autoencoder.latent_dim", a.latent_dim,
@@ -127,6 +132,8 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
+    _require(t.draw_configs in ("first", "random"), "train.draw_configs", t.draw_configs, "must be 'first' or 'random'")
+    _require(0.0 <= config.eval.relative_floor < 1.0, "eval.relative_floor", config.eval.relative_floor, "must be in [0, 1)")
     _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
     for b in config.sweep.budgets:
         _require(b >= 1, "sweep.budgets", config.sweep.budgets, "must hold positive budgets")

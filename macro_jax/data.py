@@ -20,6 +20,7 @@ import jax.random as jr
 import numpy as np
 
 from macro_jax import jacobian
+from macro_jax import pool as pool_lib
 from macro_jax.systems.base import MicroSystem, sample_sites
 
 
@@ -67,6 +68,29 @@ def _map(fn, *args, chunk):
     return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
 
 
+def _sample_fn(ae, method: str, system: MicroSystem, loss: str):
+    """``one(x, label, sites) -> dict``: the per-configuration loss inputs. Call it
+    inside the jitted region that maps over configurations."""
+    geometry = jacobian.make_geometry_fn(ae, method)
+    if loss == "z":
+        return lambda x, f, _: {"z": ae.encode(x), "jf": jacobian.jacobian_times(ae, x, f)}
+    if loss == "x":
+
+        def one(x, f, _):
+            geo = geometry(x, jnp.zeros((0,), jnp.int32))
+            chol = jacobian.cholesky(geo.gram)
+            jf = jacobian.jacobian_times(ae, x, f)
+            pf2 = jnp.sum(f.astype(jnp.float64) ** 2) - jacobian.metric_norm2(chol, jf)
+            return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
+
+        return one
+    return lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s)
+
+
+def _no_sites(n: int):
+    return jnp.zeros((n, 0), jnp.int32)
+
+
 def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, sites=None, chunk: int = 256):
     """Per-configuration arrays the stage-2 loss reads (see ``macro_jax.losses``).
 
@@ -76,25 +100,53 @@ def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, site
 
     @jax.jit
     def run(xs, labels, sites):
-        geometry = jacobian.make_geometry_fn(ae, method)
-        if loss == "z":
-            return _map(lambda x, f: {"z": ae.encode(x), "jf": jacobian.jacobian_times(ae, x, f)}, xs, labels, chunk=chunk)
-        if loss == "x":
+        return _map(_sample_fn(ae, method, system, loss), xs, labels, sites, chunk=chunk)
 
-            def one(x, f):
-                geo = geometry(x, jnp.zeros((0,), jnp.int32))
-                chol = jacobian.cholesky(geo.gram)
-                jf = jacobian.jacobian_times(ae, x, f)
-                pf2 = jnp.sum(f.astype(jnp.float64) ** 2) - jacobian.metric_norm2(chol, jf)
-                return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
-
-            return _map(one, xs, labels, chunk=chunk)
-
-        return _map(lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s), xs, labels, sites, chunk=chunk)
-
-    samples = run(xs, labels, sites if sites is not None else jnp.zeros((xs.shape[0], 0), jnp.int32))
+    samples = run(xs, labels, sites if sites is not None else _no_sites(xs.shape[0]))
     check_geometry(samples)
     return samples
+
+
+def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, indices, sites=None,
+                         chunk: int = 256):
+    """Labels the configurations ``pool[indices]`` and builds their loss inputs,
+    streaming ``chunk`` configurations at a time from ``pool`` (an array or a
+    memory-mapped ``BlockPool``): neither the configurations nor their forces
+    are ever held all at once, only the per-configuration samples.
+
+    Full forces for ``z``/``x``; for ``xp`` the forces of ``sites`` (n, k) only,
+    by the subset calculator. Returns ``(samples, ForceAccount)``; the seconds
+    are those of the force calls alone (compile excluded).
+    """
+    indices = np.asarray(indices)
+    n = indices.shape[0]
+    sites = _no_sites(n) if sites is None else jnp.asarray(sites)
+    if loss == "xp":
+        label = jax.vmap(system.subset_force_fn)
+        n_forces = int(sites.size)
+    else:
+        label = lambda xs, _: jax.vmap(system.force_fn)(xs)
+        n_forces = n * system.n_sites
+    one = _sample_fn(ae, method, system, loss)
+    prep = jax.vmap(one)
+    write = jax.jit(lambda buf, part, lo: jax.tree_util.tree_map(
+        lambda b, p: jax.lax.dynamic_update_slice_in_dim(b, p, lo, 0), buf, part), donate_argnums=0)
+    compiled, out, account = {}, None, ForceAccount(n_forces, 0.0)
+    for lo, hi in pool_lib.chunks(n, chunk):
+        xs, s = pool_lib.take(pool, indices[lo:hi]), sites[lo:hi]
+        if hi - lo not in compiled:
+            labels_aval = jax.eval_shape(label, xs, s)
+            compiled[hi - lo] = (jax.jit(label).lower(xs, s).compile(), jax.jit(prep).lower(xs, labels_aval, s).compile())
+        label_c, prep_c = compiled[hi - lo]
+        start = time.perf_counter()
+        labels = jax.block_until_ready(label_c(xs, s))
+        account.seconds += time.perf_counter() - start
+        part = prep_c(xs, labels, s)
+        if out is None:
+            out = jax.tree_util.tree_map(lambda p: jnp.zeros((n, *p.shape[1:]), p.dtype), part)
+        out = write(out, part, lo)
+    check_geometry(out)
+    return out, account
 
 
 def partial_sample(geometry, system: MicroSystem, x, f_sub, sites):
@@ -132,9 +184,12 @@ def check_geometry(samples):
             )
 
 
-def latent_statistics(ae, xs, chunk: int = 1024):
-    """Mean and std (ddof 1) of ``z = phi(x)`` over configurations: free, no forces."""
-    zs = jax.jit(lambda xs: jax.lax.map(ae.encode, xs, batch_size=chunk))(xs)
+def latent_statistics(ae, pool, chunk: int = 1024):
+    """Mean and std (ddof 1) of ``z = phi(x)`` over the configurations of ``pool``
+    (an array or a ``BlockPool``, streamed ``chunk`` at a time): free, no forces."""
+    encode = jax.jit(jax.vmap(ae.encode))
+    n = pool_lib.n_configs(pool)
+    zs = jnp.concatenate([encode(pool_lib.take(pool, np.arange(lo, hi))) for lo, hi in pool_lib.chunks(n, chunk)])
     return jnp.mean(zs, 0), jnp.std(zs, 0, ddof=1)
 
 

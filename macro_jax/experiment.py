@@ -30,16 +30,26 @@ import numpy as np
 from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, train
+from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run, run_settings, subset_size, validate
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
 
+class TestSet(NamedTuple):
+    """What evaluation needs of the test trajectories: their first frames and
+    their TRUE observables at every stored time (never the whole trajectories)."""
+
+    times: jax.Array  # (T,)
+    x0: jax.Array  # (n_test, N)
+    obs: jax.Array  # (n_test, T, d_obs) float32
+
+
 class Prepared(NamedTuple):
     system: MicroSystem
     ae: Autoencoder
-    pool_xs: jax.Array  # (n_configs, N), trajectory-major
-    test: Trajectories
+    pool: jax.Array | pool_lib.BlockPool  # (n_configs, N), trajectory-major
+    test: TestSet
     z_mean: jax.Array
     z_std: jax.Array
 
@@ -74,42 +84,136 @@ def _simulate(system, key, spec) -> tuple[Trajectories, float]:
     return traj, time.perf_counter() - start
 
 
-def _trajectories(config, system, workdir) -> tuple[Trajectories, Trajectories]:
-    """Loads (metadata checked) or simulates the pool and test trajectories.
+def _observables(system, xs) -> np.ndarray:
+    """Observables of trajectories (n, T, N) -> (n, T, d_obs), float32."""
+    return np.asarray(evaluation.observable_trajectories(system.observable_fn, jnp.asarray(xs)))
 
-    Forces are not stored: labels are computed by the force calculator at
-    labelling time, and counted there.
+
+def _kept(config, system, xs) -> np.ndarray:
+    """Pool frames of trajectories (n, T, N), flattened trajectory-major, without
+    those at or below ``data.pool_keep_above`` (first observable)."""
+    flat = np.asarray(xs).reshape(-1, system.n_dof)
+    if config.data.pool_keep_above is None:
+        return flat
+    return flat[_observables(system, xs)[..., 0].reshape(-1) > float(config.data.pool_keep_above)]
+
+
+def _save_test(path, spec, times, xs, system, seconds) -> TestSet:
+    test = TestSet(jnp.asarray(times), jnp.asarray(xs[:, 0]), jnp.asarray(_observables(system, xs)))
+    checkpoint.save_arrays(path, test._asdict(), {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
+    return test
+
+
+def _load_test(path, spec, system) -> TestSet:
+    arrays, _ = checkpoint.load_arrays(path, expect={"spec": spec})
+    if "xs" in arrays:  # written before test sets were stored as (x0, observables)
+        xs = arrays["xs"]
+        return TestSet(jnp.asarray(arrays["times"]), jnp.asarray(xs[:, 0]), jnp.asarray(_observables(system, xs)))
+    return TestSet(*(jnp.asarray(arrays[k]) for k in TestSet._fields))
+
+
+def _pool_spec(config, spec) -> dict:
+    d = config.data
+    extra = {"block_trajectories": d.block_trajectories} if d.block_trajectories else {}
+    if d.pool_keep_above is not None:
+        extra["keep_above"] = float(d.pool_keep_above)
+    return dict(spec, **extra)
+
+
+def _blocks(system, key, spec, block: int, done=lambda b: False):
+    """Simulates ``spec``'s trajectories ``block`` at a time (block b from
+    ``fold_in(key, b)``), skipping blocks for which ``done(b)``; yields
+    (b, Trajectories, seconds)."""
+    n = spec["n_trajectories"]
+    for b, lo in enumerate(range(0, n, block)):
+        if not done(b):
+            traj, seconds = _simulate(system, jr.fold_in(key, b), dict(spec, n_trajectories=min(block, n - lo)))
+            yield b, traj, seconds
+
+
+def _block_pool(config, system, key, spec, directory) -> pool_lib.BlockPool:
+    """The pool as memory-mapped blocks, simulating (and filtering) the missing ones."""
+    manifest = os.path.join(directory, "manifest.npz")
+    if os.path.exists(manifest):
+        logging.info("loading pool blocks from %s", directory)
+        return pool_lib.BlockPool(directory, expect={"spec": spec})
+
+    def done(b):
+        path = pool_lib.block_path(directory, b)
+        if not os.path.exists(path):
+            return False
+        checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)  # raises if stale or corrupt
+        return True
+
+    block = int(config.data.block_trajectories)
+    for b, traj, seconds in _blocks(system, key, spec, block, done):
+        kept = _kept(config, system, traj.xs)
+        logging.info("pool block %d: %d trajectories, %d of %d frames kept, %.1fs", b, traj.xs.shape[0],
+                     kept.shape[0], traj.xs.shape[0] * traj.xs.shape[1], seconds)
+        checkpoint.save_npy(pool_lib.block_path(directory, b), kept, {"spec": spec, "block": b, "seconds": seconds})
+    n_blocks = -(-spec["n_trajectories"] // block)
+    metas = [json.load(open(pool_lib.block_path(directory, b) + ".json")) for b in range(n_blocks)]
+    rows = [int(np.load(pool_lib.block_path(directory, b), mmap_mode="r").shape[0]) for b in range(n_blocks)]
+    checkpoint.save_arrays(manifest, {"rows": np.asarray(rows)},
+                           {"spec": spec, "seconds": sum(m["seconds"] for m in metas), "versions": checkpoint.versions()})
+    return pool_lib.BlockPool(directory, expect={"spec": spec})
+
+
+def _trajectories(config, system, workdir):
+    """Loads (metadata checked) or simulates the pool and the test set.
+
+    Returns ``(pool, test)``: the pool's configurations, flattened
+    trajectory-major and filtered by ``data.pool_keep_above``, as an array
+    (n_configs, N) or, with ``data.block_trajectories``, a ``BlockPool``;
+    the test set as a ``TestSet``. Forces are not stored: labels are computed
+    by the force calculator at labelling time, and counted there.
     """
-    splits = ("pool", "test")
-    specs = {split: _spec(config, split) for split in splits}
-    paths = {split: os.path.join(workdir, "data", f"{split}.npz") for split in splits}
-    out = {}
-    for split in splits:
-        if os.path.exists(paths[split]):
-            arrays, _ = checkpoint.load_arrays(paths[split], expect={"spec": specs[split]})
-            logging.info("loaded %s trajectories from %s", split, paths[split])
-            out[split] = Trajectories(jnp.asarray(arrays["times"]), jnp.asarray(arrays["xs"]), None)
-    missing = [split for split in splits if split not in out]
-    if not missing:
-        return out["pool"], out["test"]
+    specs = {"pool": _pool_spec(config, _spec(config, "pool")), "test": _spec(config, "test")}
+    paths = {"pool": os.path.join(workdir, "data", "pool.npz"), "test": os.path.join(workdir, "data", "test.npz")}
     root = jr.PRNGKey(config.seed)
-    made = {}  # split -> (times, xs, seconds)
+    keys = {"pool": jr.fold_in(root, 0), "test": jr.fold_in(root, 1)}
+    block = int(config.data.block_trajectories)
+    test = _load_test(paths["test"], specs["test"], system) if os.path.exists(paths["test"]) else None
+    if block:
+        pool = _block_pool(config, system, keys["pool"], specs["pool"], os.path.join(workdir, "data", "pool"))
+        if test is None:
+            times, x0, obs, seconds = None, [], [], 0.0
+            for _, traj, sec in _blocks(system, keys["test"], specs["test"], block):
+                times, seconds = traj.times, seconds + sec
+                x0.append(traj.xs[:, 0])
+                obs.append(_observables(system, traj.xs))
+            test = TestSet(jnp.asarray(times), jnp.concatenate(x0), jnp.asarray(np.concatenate(obs)))
+            checkpoint.save_arrays(paths["test"], test._asdict(),
+                                   {"spec": specs["test"], "seconds": seconds, "versions": checkpoint.versions()})
+        return pool, test
+    pool = None
+    if os.path.exists(paths["pool"]):
+        arrays, _ = checkpoint.load_arrays(paths["pool"], expect={"spec": specs["pool"]})
+        logging.info("loaded pool from %s", paths["pool"])
+        pool = jnp.asarray(arrays["xs"]).reshape(-1, system.n_dof)
+    if pool is not None and test is not None:
+        return pool, test
     if config.data.one_ensemble:
         n_pool = config.data.n_pool_trajectories
-        spec = dict(specs["pool"], n_trajectories=n_pool + config.data.n_test_trajectories)
-        traj, seconds = _simulate(system, jr.fold_in(root, 0), spec)
-        made = {"pool": (traj.times, traj.xs[:n_pool], seconds), "test": (traj.times, traj.xs[n_pool:], seconds)}
+        spec = dict(specs["test"], n_trajectories=n_pool + config.data.n_test_trajectories)
+        traj, seconds = _simulate(system, keys["pool"], spec)
+        made = {"pool": (traj._replace(xs=traj.xs[:n_pool]), seconds), "test": (traj._replace(xs=traj.xs[n_pool:]), seconds)}
     else:
-        for split in missing:
-            traj, seconds = _simulate(system, jr.fold_in(root, {"pool": 0, "test": 1}[split]), specs[split])
-            made[split] = (traj.times, traj.xs, seconds)
-    for split in missing:
-        times, xs, seconds = made[split]
-        logging.info("simulated %d %s trajectories (%d frames) in %.1fs", xs.shape[0], split, xs.shape[1], seconds)
-        checkpoint.save_arrays(paths[split], {"times": times, "xs": xs},
-                               {"spec": specs[split], "seconds": seconds, "versions": checkpoint.versions()})
-        out[split] = Trajectories(times, xs, None)
-    return out["pool"], out["test"]
+        made = {split: _simulate(system, keys[split], specs[split]) for split, have in (("pool", pool), ("test", test))
+                if have is None}
+    for split, (traj, seconds) in made.items():
+        logging.info("simulated %d %s trajectories (%d frames each) in %.1fs", traj.xs.shape[0], split,
+                     traj.xs.shape[1], seconds)
+    if pool is None:
+        traj, seconds = made["pool"]
+        kept = _kept(config, system, traj.xs)
+        checkpoint.save_arrays(paths["pool"], {"times": traj.times, "xs": kept},
+                               {"spec": specs["pool"], "seconds": seconds, "versions": checkpoint.versions()})
+        pool = jnp.asarray(kept)
+    if test is None:
+        traj, seconds = made["test"]
+        test = _save_test(paths["test"], specs["test"], traj.times, traj.xs, system, seconds)
+    return pool, test
 
 
 def _make_autoencoder(config, system, key) -> Autoencoder:
@@ -120,19 +224,20 @@ def _make_autoencoder(config, system, key) -> Autoencoder:
     )
 
 
-def _autoencoder(config, system, pool_xs, workdir) -> Autoencoder:
+def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     key = jr.fold_in(jr.PRNGKey(config.seed), 2)
     init_key, shuffle_key = jr.split(key)
     skeleton = _make_autoencoder(config, system, init_key)
     path = os.path.join(workdir, "autoencoder", "model.eqx")
     spec = {"system": config.system.to_dict(), "autoencoder": config.autoencoder.to_dict(),
-            "data": config.data.to_dict(), "seed": config.seed}
+            "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
     if os.path.exists(path):
         logging.info("loaded autoencoder from %s", path)
         return checkpoint.load_model(path, skeleton, expect={"spec": spec})
-    n = config.autoencoder.n_configs or pool_xs.shape[0]
+    n = config.autoencoder.n_configs or pool_lib.n_configs(pool)
     start = time.perf_counter()
-    ae, history = train.train_autoencoder(skeleton, pool_xs[:n], config.autoencoder, shuffle_key)
+    xs = pool if isinstance(pool, pool_lib.BlockPool) else pool[:n]  # a BlockPool streams its batches
+    ae, history = train.train_autoencoder(skeleton, xs, config.autoencoder, shuffle_key, n=n)
     seconds = time.perf_counter() - start
     checkpoint.save_model(path, ae, {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
     write_json(os.path.join(workdir, "autoencoder", "history.json"),
@@ -147,10 +252,9 @@ def prepare(config, workdir) -> Prepared:
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     pool, test = _trajectories(config, system, workdir)
-    pool_xs = pool.xs.reshape(-1, system.n_dof)  # trajectory-major
-    ae = _autoencoder(config, system, pool_xs, workdir)
-    z_mean, z_std = data.latent_statistics(ae, pool_xs)
-    return Prepared(system, ae, pool_xs, test, z_mean, z_std)
+    ae = _autoencoder(config, system, pool, workdir)
+    z_mean, z_std = data.latent_statistics(ae, pool)
+    return Prepared(system, ae, pool, test, z_mean, z_std)
 
 
 # ---------------------------------------------------------------- one loss at one budget
@@ -178,24 +282,24 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     cfg = run_settings(config, loss)
     k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
     n = int(budget // k)
-    if n < 1 or n > prep.pool_xs.shape[0]:
+    n_pool = pool_lib.n_configs(prep.pool)
+    if n < 1 or n > n_pool:
         raise ConfigError(
             f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
-            f"{prep.pool_xs.shape[0]} (data.n_pool_trajectories) and at least 1 is needed"
+            f"{n_pool} (data.n_pool_trajectories, data.pool_keep_above) and at least 1 is needed"
         )
     name = run_name(spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
-    xs = prep.pool_xs[:n]
     seeds = tuple(cfg.seeds)
     init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in seeds)))
     nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, ae.latent_dim, key=kk))(init_keys)
     method = config.autoencoder.jacobian
     chunk = config.train.precompute_chunk
     n_members = len(seeds)
+    indices = config_indices(config, cfg, n_pool, n)
     batch_fn = None
     if loss in ("z", "x"):
-        forces, account = data.label_full(system, xs, chunk=chunk)
-        samples = data.precompute(ae, method, system, loss, xs, forces, chunk=chunk)
+        samples, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, chunk=chunk)
         rate_mean, rate_std = data.rate_statistics(system, loss, samples)
         per_member = False
         stats = _broadcast((prep.z_mean, prep.z_std, rate_mean, rate_std), n_members)
@@ -206,8 +310,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         member_samples, member_stats, accounts = [], [], []
         for key in draws:
             sites = data.draw_sites(system, key, n, k)
-            f_sub, account = data.label_subset(system, xs, sites, chunk=chunk)
-            s = data.precompute(ae, method, system, loss, xs, f_sub, sites, chunk=chunk)
+            s, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, sites, chunk=chunk)
             member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
             member_samples.append(s)
             accounts.append(account)
@@ -217,6 +320,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         if cfg.label_mode == "online":
             # The labels above only set the normalisation; training draws fresh
             # sites and computes their forces inside the jitted step.
+            xs = pool_lib.take(prep.pool, indices)
             samples, per_member = xs, False
             batch_fn = data.make_online_batch_fn(system, ae, method, k)
             n_forces += cfg.epochs * n * k
@@ -233,8 +337,9 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
                                          per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
                                          resume_path=resume_path, resume_expect={"settings": _settings(config, spec)})
     train_seconds = time.perf_counter() - start
-    errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.xs, prep.test.times,
-                                                              substeps=config.eval.substeps)
+    errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
+                                                              prep.test.times, substeps=config.eval.substeps,
+                                                              relative_floor=config.eval.relative_floor)
     member_errors = np.asarray(jnp.mean(errors, axis=1), dtype=np.float64)
     result = {
         "loss": losses.LOSS_NAMES[loss],
@@ -267,6 +372,16 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     return result
 
 
+def config_indices(config, cfg, n_pool: int, n: int) -> np.ndarray:
+    """Pool rows a run labels (``train.draw_configs``): the first n, or n drawn
+    without replacement by one permutation of the pool per experiment seed
+    (runs with fewer configurations take a prefix of the same draw)."""
+    if cfg.draw_configs == "first":
+        return np.arange(n)
+    perm = jr.permutation(jr.fold_in(jr.PRNGKey(config.seed), 3), n_pool)
+    return np.asarray(perm[:n])
+
+
 def run_name(spec: str, budget: int, tag: str = "") -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``)."""
@@ -278,13 +393,25 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
 _BOOKKEEPING = ("log_every", "checkpoint_every")
 
 
+# Fields added after results were saved: at these values they are left out of
+# saved settings, so that older files stay valid.
+_LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None}, "train": {"draw_configs": "first"}}
+
+
+def _without_later_defaults(section: str, fields: dict) -> dict:
+    later = _LATER_DEFAULTS.get(section, {})
+    return {k: v for k, v in fields.items() if not (k in later and v == later[k])}
+
+
 def _normalised(settings: dict) -> dict:
-    """``settings`` without bookkeeping fields and other latent models' fields, so
-    that results saved before such fields existed still compare equal."""
+    """``settings`` without bookkeeping fields, other latent models' fields and
+    later fields at their defaults, so that results saved before such fields
+    existed still compare equal."""
     model = settings.get("model", {})
     name = model.get("name")
-    return dict(settings, train={k: v for k, v in settings.get("train", {}).items() if k not in _BOOKKEEPING},
-                model={"name": name, name: model.get(name)})
+    train = {k: v for k, v in settings.get("train", {}).items() if k not in _BOOKKEEPING}
+    return dict(settings, train=_without_later_defaults("train", train),
+                data=_without_later_defaults("data", settings.get("data", {})), model={"name": name, name: model.get(name)})
 
 
 def _settings(config, spec) -> dict:

@@ -15,7 +15,7 @@ Two ways to get G and ``J[:, I]``:
   ``G = [[A A^T, A W1^T R^T], [R W1 A^T, R (W1 W1^T) R^T]]`` with ``A`` the
   observables' Jacobian and ``R = J_rest``, and ``J[:, I] = [A[:, I]; R W1[:, I]]``.
   ``W1 W1^T`` is computed once per call, outside the per-sample map; the
-  closure rows of J are never formed.
+  closure rows of J are never formed, nor a float64 copy of W1.
 """
 
 from __future__ import annotations
@@ -59,8 +59,7 @@ def make_geometry_fn(ae: Autoencoder, method: str) -> Callable[[jax.Array, jax.A
     if method == "linear_first_layer":
         first = ae.encoder.layers[0]
         w1 = first.weight  # (width, N)
-        w1_64 = w1.astype(F64)
-        w1w1t = w1_64 @ w1_64.T  # (width, width), once per parameter set
+        w1w1t = dot_t_f64(w1, w1)  # (width, width), once per parameter set
 
         def geometry(x, dofs):
             obs = ae.observable_fn(x).astype(jnp.float32)
@@ -68,17 +67,37 @@ def make_geometry_fn(ae: Autoencoder, method: str) -> Callable[[jax.Array, jax.A
             h1 = first(x)
             closure = ae.encoder.tail(h1)
             r = jax.jacrev(ae.encoder.tail)(h1).astype(F64)  # (c, width)
-            a_w1t = a @ w1_64.T  # (d*, width)
+            a_w1t = dot_t_f64(a, w1)  # (d*, width)
             g_oo = a @ a.T
             g_oc = a_w1t @ r.T
             g_cc = r @ w1w1t @ r.T
             gram = jnp.block([[g_oo, g_oc], [g_oc.T, g_cc]])
-            cols = jnp.concatenate([a[:, dofs], r @ w1_64[:, dofs]]).astype(jnp.float32)
+            cols = jnp.concatenate([a[:, dofs], r @ w1[:, dofs].astype(F64)]).astype(jnp.float32)
             return Geometry(jnp.concatenate([obs, closure]), gram, cols)
 
         return geometry
 
     raise ValueError(f"autoencoder.jacobian={method!r} is not one of {list(JACOBIAN_METHODS)}")
+
+
+def dot_t_f64(a: jax.Array, b: jax.Array, chunk: int = 4096) -> jax.Array:
+    """``a @ b.T`` in float64 for a (m, N) and b (p, N), converting ``chunk``
+    columns at a time: never a float64 copy of a wide float32 matrix (the
+    encoder's first layer is 64 x 40,000 for Allen-Cahn)."""
+    n = a.shape[1]
+    full = n // chunk
+
+    def part(lo, size):
+        sa = jax.lax.dynamic_slice_in_dim(a, lo, size, axis=1).astype(F64)
+        sb = jax.lax.dynamic_slice_in_dim(b, lo, size, axis=1).astype(F64)
+        return sa @ sb.T
+
+    out = jnp.zeros((a.shape[0], b.shape[0]), F64)
+    if full:
+        out = jax.lax.fori_loop(0, full, lambda i, acc: acc + part(i * chunk, chunk), out)
+    if n % chunk:
+        out = out + part(full * chunk, n % chunk)
+    return out
 
 
 def cholesky(gram: jax.Array) -> jax.Array:

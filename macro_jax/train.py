@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from macro_jax import checkpoint, losses
+from macro_jax import pool as pool_lib
 from macro_jax.models.latent import NormalisedField
 
 
@@ -247,8 +248,14 @@ def make_autoencoder_optimizer(cfg) -> optax.GradientTransformation:
     )
 
 
-def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: "):
-    """Trains the AE on configurations ``xs`` (n, N); returns (ae, history)."""
+def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: int | None = None):
+    """Trains the AE on the first ``n`` (default all) configurations of ``xs``;
+    returns (ae, history).
+
+    ``xs`` is an array (n, N), one jitted scan per epoch, or a ``BlockPool``
+    larger than memory: then each minibatch is gathered from the memory map
+    and fed to the same jitted step (the same shuffles and batches).
+    """
     cond_rows = None
     if cfg.cond_rows == "closure":
         cond_rows = list(range(ae.n_observables, ae.latent_dim))
@@ -257,13 +264,26 @@ def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: "):
     params = jax.tree_util.tree_map(jnp.copy, params)  # the loop donates its buffers, not the caller's
     optimizer = make_autoencoder_optimizer(cfg)
     opt_state = optimizer.init(params)
-    n = xs.shape[0]
+    n = int(xs.shape[0]) if n is None else n
 
     def loss_fn(params, batch, mask):
         xb, _ = batch
         return loss_fn_ae(eqx.combine(params, static), xb, mask)
 
-    epoch = jax.jit(make_epoch_fn(make_train_step(loss_fn, optimizer), n, cfg.batch_size), donate_argnums=(0, 1))
+    step = make_train_step(loss_fn, optimizer)
+    if isinstance(xs, pool_lib.BlockPool):
+        step_jit = jax.jit(step, donate_argnums=(0, 1))
+
+        def epoch(params, opt_state, xs, _, key, e):
+            idx, mask = (np.asarray(a) for a in make_batches(jr.fold_in(key, e), n, cfg.batch_size))
+            metrics = []
+            for idx_b, mask_b in zip(idx, mask):
+                params, opt_state, m = step_jit(params, opt_state, (jnp.asarray(xs.take(idx_b)), None), mask_b)
+                metrics.append(m)
+            return params, opt_state, jax.tree_util.tree_map(lambda *v: jnp.mean(jnp.stack(v)), *metrics)
+    else:
+        epoch = jax.jit(make_epoch_fn(step, n, cfg.batch_size), donate_argnums=(0, 1))
+        xs = xs[:n]
     history = {"loss": [], "rec": [], "cond": []}
     start = time.perf_counter()
     for e in range(cfg.epochs):

@@ -95,3 +95,92 @@ def test_rejects_bad_parameters():
         make_allen_cahn(r1_range=(0.1, 0.2), r2_range=(0.15, 0.25))
     with pytest.raises(ValueError, match="n_grid"):
         make_allen_cahn(n_grid=2)
+
+
+# ---------------------------------------------------------------- the experiment pipeline on a 16 x 16 grid
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    from configs import allen_cahn
+    from macro_jax import experiment
+
+    workdir = str(tmp_path_factory.mktemp("ac_smoke"))
+    config = allen_cahn.get_config("smoke")
+    results = experiment.train_and_evaluate(config, workdir)
+    return workdir, config, results, experiment.prepare(config, workdir)
+
+
+def test_smoke_run_streams_a_filtered_block_pool(smoke):
+    import os
+
+    from macro_jax.pool import BlockPool
+
+    workdir, config, results, prep = smoke
+    assert [r["loss"] for r in results] == ["L_z", "L_x,p"]
+    for r in results:
+        assert r["n_force_computations"] == config.train.budget == r["n_configs"] * r["sites_per_config"]
+        assert np.isfinite(r["test_error_mean"])
+    assert results[1]["sites_per_config"] == 16 and results[1]["n_configs"] == 16 * results[0]["n_configs"]
+    assert sorted(os.listdir(os.path.join(workdir, "data", "pool"))) == [
+        "block_00000.npy", "block_00000.npy.json", "block_00001.npy", "block_00001.npy.json",
+        "block_00002.npy", "block_00002.npy.json", "manifest.npz", "manifest.npz.json"]
+    assert isinstance(prep.pool, BlockPool)
+    energy = jax.vmap(prep.system.observable_fn)(jnp.asarray(prep.pool.take(np.arange(len(prep.pool)))))
+    assert bool(jnp.all(energy > config.data.pool_keep_above))  # the filter
+    assert len(prep.pool) < config.data.n_pool_trajectories * 20  # ... dropped some frames
+    assert prep.test.x0.shape == (3, 256) and prep.test.obs.shape == (3, 20, 1)
+    np.testing.assert_allclose(prep.test.obs[:, 0], jax.vmap(prep.system.observable_fn)(prep.test.x0), rtol=1e-6)
+
+
+def test_interrupted_pool_generation_resumes_at_the_missing_block(smoke, tmp_path):
+    import os
+    import shutil
+
+    from macro_jax import experiment
+
+    workdir, config, _, prep = smoke
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    for name in ("block_00001.npy", "block_00001.npy.json", "manifest.npz", "manifest.npz.json"):
+        os.remove(os.path.join(copy, "data", "pool", name))
+    kept = os.path.getmtime(os.path.join(copy, "data", "pool", "block_00000.npy"))
+    pool, _ = experiment._trajectories(config, prep.system, copy)
+    assert os.path.getmtime(os.path.join(copy, "data", "pool", "block_00000.npy")) == kept  # not redone
+    np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
+
+
+@pytest.mark.parametrize("loss", ["z", "xp"])
+def test_streamed_labelling_equals_the_in_memory_precompute(smoke, loss):
+    from macro_jax import data
+
+    _, config, _, prep = smoke
+    system, method = prep.system, config.autoencoder.jacobian
+    idx = np.array([5, 0, 17, 3, 40])
+    xs = jnp.asarray(prep.pool.take(idx))
+    if loss == "xp":
+        sites = data.draw_sites(system, jr.PRNGKey(1), idx.size, 16)
+        labels = jax.vmap(system.subset_force_fn)(xs, sites)
+    else:
+        sites, labels = None, jax.vmap(system.force_fn)(xs)
+    streamed, account = data.label_and_precompute(system, prep.ae, method, loss, prep.pool, idx, sites, chunk=2)
+    whole = data.precompute(prep.ae, method, system, loss, xs, labels, sites)
+    assert account.n_forces == idx.size * (16 if loss == "xp" else 256) and account.seconds > 0
+    assert set(streamed) == set(whole)
+    for key in whole:  # equal up to float32 round-off relative to each array's scale
+        scale = float(jnp.max(jnp.abs(whole[key])))
+        np.testing.assert_allclose(streamed[key], whole[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
+
+
+def test_autoencoder_from_blocks_equals_from_memory(smoke):
+    from macro_jax import train
+    from macro_jax.experiment import _make_autoencoder
+
+    _, config, _, prep = smoke
+    skeleton = _make_autoencoder(config, prep.system, jr.PRNGKey(4))
+    everything = jnp.asarray(prep.pool.take(np.arange(len(prep.pool))))
+    cfg = config.autoencoder
+    a, ha = train.train_autoencoder(skeleton, prep.pool, cfg, jr.PRNGKey(5))
+    b, hb = train.train_autoencoder(skeleton, everything, cfg, jr.PRNGKey(5))
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+    np.testing.assert_allclose(a.encoder.layers[0].weight, b.encoder.layers[0].weight, rtol=1e-4, atol=1e-7)

@@ -9,7 +9,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-from configs import lj800, predator_prey
+from configs import allen_cahn, lj800, predator_prey
 from macro_jax import checkpoint
 from macro_jax.config import ConfigError, parse_run, subset_size, validate
 from macro_jax.models import OnsagerNet
@@ -34,6 +34,10 @@ from macro_jax.models import OnsagerNet
         ("data.pool_integrator", "leapfrog", "data.pool_integrator"),
         ("model.onsagernet.variant", "C", "model.onsagernet.variant"),
         ("structures.models", ("mlp", "gpt"), "structures.models"),
+        ("data.block_trajectories", -1, "data.block_trajectories=-1 is invalid"),
+        ("data.pool_keep_above", float("nan"), "data.pool_keep_above"),
+        ("train.draw_configs", "last", "train.draw_configs='last' is invalid: must be 'first' or 'random'"),
+        ("eval.relative_floor", 1.0, "eval.relative_floor=1.0 is invalid"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, match):
@@ -78,6 +82,42 @@ def test_shipped_configs_validate():
         validate(lj800.get_config(variant), n_observables=1, integrators=("velocity_verlet",))
     with pytest.raises(ValueError, match="unknown lj800 config variant"):
         lj800.get_config("huge")
+    for variant in ("", "smoke"):
+        validate(allen_cahn.get_config(variant), n_observables=1)
+    config = allen_cahn.get_config()
+    # the reference protocol: equal budgets, 2,500 full configurations vs 40,000 x 2,500 points
+    assert config.train.budget == 2_500 * 200**2 == 40_000 * (200**2 // 16)
+
+
+def test_blocks_need_separate_calls():
+    config = lj800.get_config("smoke")
+    config.data.block_trajectories = 2
+    with pytest.raises(ConfigError, match="data.block_trajectories=2 is invalid: must be 0 when data.one_ensemble"):
+        validate(config, 1, integrators=("velocity_verlet",))
+
+
+def test_block_pool_reads_rows_and_detects_corruption(tmp_path):
+    from macro_jax.pool import BlockPool, block_path, take
+
+    spec = {"what": "test"}
+    blocks = [np.arange(12.0).reshape(3, 4), np.arange(12.0, 20.0).reshape(2, 4)]
+    for b, block in enumerate(blocks):
+        checkpoint.save_npy(block_path(str(tmp_path), b), block, {"spec": spec, "block": b})
+    checkpoint.save_arrays(str(tmp_path / "manifest.npz"), {"rows": np.array([3, 2])}, {"spec": spec})
+    pool = BlockPool(str(tmp_path), expect={"spec": spec})
+    full = np.concatenate(blocks)
+    assert pool.shape == (5, 4) and len(pool) == 5
+    np.testing.assert_array_equal(pool.take([4, 0, 3, 3]), full[[4, 0, 3, 3]])
+    np.testing.assert_array_equal(take(pool, np.array([1, 2])), take(jnp.asarray(full), np.array([1, 2])))
+    with pytest.raises(IndexError, match="out of range"):
+        pool.take([5])
+    with pytest.raises(checkpoint.DataFileError, match="metadata field 'spec'"):
+        BlockPool(str(tmp_path), expect={"spec": {"what": "other"}})
+    with open(block_path(str(tmp_path), 1), "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\x00" * 8)
+    with pytest.raises(checkpoint.DataFileError, match="checksum mismatch"):
+        BlockPool(str(tmp_path), expect={"spec": spec})
 
 
 def test_integrator_must_be_the_systems():

@@ -82,6 +82,14 @@ def test_relative_error_metric():
     np.testing.assert_allclose(np.asarray(evaluation.trajectory_errors(pred, true)), [1.0 / 10.0])
 
 
+def test_relative_floor_drops_vanished_frames():
+    true = jnp.array([[[4.0], [2.0], [1e-5], [0.0]]])
+    pred = jnp.array([[[4.0], [3.0], [1.0], [1.0]]])
+    # every frame: (0 + 1 + 1 + 1) / (4 + 2 + 1e-5); with the floor only the first two count
+    np.testing.assert_allclose(evaluation.trajectory_errors(pred, true), [(3.0 - 1e-5) / (6.0 + 1e-5)], rtol=1e-6)
+    np.testing.assert_allclose(evaluation.trajectory_errors(pred, true, relative_floor=1e-4), [1.0 / 6.0], rtol=1e-6)
+
+
 def test_rollout_of_linear_field_is_exact():
     rate = -0.7
     zs = evaluation.rollout(lambda t, z: rate * z, jnp.ones(2), dt=0.1, n_steps=10, substeps=4)
@@ -134,7 +142,7 @@ def test_budget_beyond_pool_names_the_field(smoke_run):
     from macro_jax.config import ConfigError
 
     prep = experiment.prepare(config, smoke_run[0])
-    with pytest.raises(ConfigError, match=r"train.budget=10000000 .*\(data.n_pool_trajectories\)"):
+    with pytest.raises(ConfigError, match=r"train.budget=10000000 .*\(data.n_pool_trajectories"):
         experiment.run_loss(prep, config, "z", 10_000_000, smoke_run[0])
 
 
@@ -166,11 +174,11 @@ def test_lj_structures_smoke(tmp_path):
 
     prep = experiment.prepare(config, workdir)  # reads the data back
     n = config.system.params.n_atoms
-    pool = prep.pool_xs.reshape(config.data.n_pool_trajectories, -1, 6 * n)
-    test = prep.test.xs
+    pool = prep.pool.reshape(config.data.n_pool_trajectories, -1, 6 * n)
+    x0 = prep.test.x0
     # one ensemble: every run starts from the same minimised positions; T0 differs
-    np.testing.assert_array_equal(pool[0, 0, : 3 * n], test[0, 0, : 3 * n])
-    assert not np.allclose(pool[0, 0, 3 * n:], test[0, 0, 3 * n:])
-    np.testing.assert_allclose(prep.system.observable_fn(test[0, 0]), 20.0 * temperature(test[0, 0], n), rtol=1e-6)
+    np.testing.assert_array_equal(pool[0, 0, : 3 * n], x0[0, : 3 * n])
+    assert not np.allclose(pool[0, 0, 3 * n:], x0[0, 3 * n:])
+    np.testing.assert_allclose(prep.test.obs[0, 0], 20.0 * temperature(x0[0], n), rtol=1e-6)
     again = structures.run_structures(config, workdir)  # resumes: nothing retrains
     assert [r["test_errors"] for r in again] == [r["test_errors"] for r in results]

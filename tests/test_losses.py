@@ -131,3 +131,11 @@ def test_rank_deficient_jacobian_is_reported(setup):
     bad = {"chol": jnp.full((2, 4, 4), jnp.nan)}
     with pytest.raises(FloatingPointError, match="lambda_cond"):
         data.check_geometry(bad)
+
+
+@pytest.mark.parametrize("chunk", [3000, 10000, 50000])  # chunks + remainder, exact chunks, remainder only
+def test_chunked_float64_product_equals_numpy(chunk):
+    a = jr.normal(jr.PRNGKey(0), (3, 10000))
+    b = jr.normal(jr.PRNGKey(1), (5, 10000))
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
+    np.testing.assert_allclose(jacobian.dot_t_f64(a, b, chunk=chunk), exact, rtol=1e-12, atol=1e-11)

@@ -1,0 +1,102 @@
+"""Allen-Cahn 2-D phase field (N = 40,000, d = 16): the paper's protocol (experiments.md section 2).
+
+L_z on 2,500 configurations with all forces vs L_x,p on 40,000 configurations
+with 2,500 grid points each (p = 1/16): 1e8 force computations each; OnsagerNet,
+3 seeds, error of the free energy against the 50 true test trajectories.
+
+  python experiments/train.py --config configs/allen_cahn.py --workdir workdirs/allen_cahn
+
+The pool (400 trajectories x 400 frames, ~9 GB after the energy filter) is
+written block by block to workdir/data/pool/ and read memory-mapped; an
+interrupted generation or training run resumes when started again.
+Variants (config argument after the colon):
+  :smoke  a 16 x 16 grid, seconds; used by the test suite.
+"""
+
+from configs import base
+
+
+def get_config(variant: str = ""):
+    c = base.get_config()
+    c.seed = 0
+    c.system.name = "allen_cahn"
+    c.system.params.n_grid = 200
+    c.system.params.interface_cells = 10.0  # eps = 10 h / (2 sqrt(2) artanh 0.9) = 0.0120
+    c.system.params.r1_range = (0.30, 0.40)
+    c.system.params.r2_range = (0.10, 0.15)
+    c.system.params.batch_size = 4  # trajectories integrated together (cache-sized)
+
+    # RK4, dt = 0.1 h^2 = 2.5e-6, 40,000 steps (T = 0.1), every 100th step: 400 frames.
+    c.data.n_pool_trajectories = 400
+    c.data.pool_integrator = "rk4"
+    c.data.pool_dt = 2.5e-6
+    c.data.pool_steps = 40_000
+    c.data.pool_save_every = 100
+    c.data.n_test_trajectories = 50
+    c.data.test_integrator = "rk4"
+    c.data.test_dt = 2.5e-6
+    c.data.test_steps = 40_000
+    c.data.test_save_every = 100
+    c.data.block_trajectories = 8
+    c.data.pool_keep_above = 1e-4  # drop frames after the ring has vanished (free energy <= 1e-4)
+
+    # Encoder 40000 -> 64 -> 64 -> 15 (softplus) after the free energy; decoder from the closure.
+    c.autoencoder.latent_dim = 16
+    c.autoencoder.hidden = (64, 64)
+    c.autoencoder.bias_init = "zeros"
+    c.autoencoder.decoder_uses_observables = False
+    c.autoencoder.lambda_cond = 1e-5
+    c.autoencoder.cond_rows = "all"  # all 16 rows, the energy's included
+    c.autoencoder.epochs = 20
+    c.autoencoder.batch_size = 256
+
+    c.model.name = "onsagernet"
+    c.model.onsagernet.variant = "shared"
+    c.model.onsagernet.trunk_widths = (64, 64)
+
+    c.train.runs = ("z", "xp:1/16")
+    c.train.budget = 100_000_000  # L_z: 2,500 x 40,000; L_x,p: 40,000 x 2,500
+    c.train.seeds = (1, 2, 3)
+    c.train.draw_configs = "random"
+    c.train.shared_subsets = True  # one 40,000 x 2,500 labelling (6.9 GB of loss inputs) for all members
+    c.train.patience = 50
+    c.train.lr = 5e-3
+    c.train.batch_size = 256
+    c.train.epochs = 1000
+    c.train.min_lr = 1e-5
+    c.train.per_loss = {"xp": {"lr": 1e-3, "batch_size": 512, "epochs": 2000, "min_lr": 5e-6}}
+    c.train.precompute_chunk = 256
+    c.train.checkpoint_every = 50
+    c.train.log_every = 10
+
+    # Test frames are 2.5e-4 apart; the latent RK4 step is 2.5e-5, 10x the microscopic one.
+    c.eval.substeps = 10
+    c.eval.relative_floor = 1e-4
+
+    if variant == "smoke":
+        c.system.params.n_grid = 16
+        c.system.params.interface_cells = 3.0
+        c.system.params.batch_size = 2
+        c.data.n_pool_trajectories = 10
+        c.data.n_test_trajectories = 3
+        for split in ("pool", "test"):
+            c.data[f"{split}_dt"] = 0.1 / 16**2
+            c.data[f"{split}_steps"] = 200
+            c.data[f"{split}_save_every"] = 10
+        c.data.block_trajectories = 4  # three blocks, the last one short
+        c.autoencoder.latent_dim = 4
+        c.autoencoder.hidden = (8, 8)
+        c.autoencoder.epochs = 2
+        c.autoencoder.batch_size = 16
+        c.model.onsagernet.trunk_widths = (8, 8)
+        c.train.budget = 8 * 256  # L_z: 8 configurations; L_x,p: 128 with 16 points each
+        c.train.epochs = 3
+        c.train.per_loss = {"xp": {"lr": 1e-3, "batch_size": 32, "epochs": 3, "min_lr": 5e-6}}
+        c.train.batch_size = 8
+        c.train.precompute_chunk = 64
+        c.train.checkpoint_every = 0
+        c.train.log_every = 1
+        c.eval.substeps = 2
+    elif variant:
+        raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '' or 'smoke'")
+    return c
