@@ -341,14 +341,22 @@ def make_particle_calculator(
         f"{capacity_multiplier:g}) or system.cell_capacity. Forces of this call are NaN."
     )
 
+    sort_one_key = n_cells * n < 2**31  # cell * n + atom fits in int32
+
     def bin_atoms(positions):
         """Cell table (n_cells, cell_capacity) of atom ids (padding n), cell coordinates
-        (n, 3) and the overflow flag. One argsort of n cell ids; no pair work."""
+        (n, 3) and the overflow flag. One sort of n keys; no pair work."""
         side = box_size / m
         ijk = jnp.clip(jnp.floor(positions / side).astype(jnp.int32), 0, m - 1)
         cell = (ijk[:, 0] * m + ijk[:, 1]) * m + ijk[:, 2]
-        order = jnp.argsort(cell, stable=True).astype(jnp.int32)
-        sorted_cell = cell[order]
+        if sort_one_key:
+            # A stable argsort as ONE sort of the keys cell * n + atom: sorting a
+            # single int32 array is ~6x cheaper on CPU than sorting (key, index) pairs.
+            key = jnp.sort(cell * n + jnp.arange(n, dtype=jnp.int32))
+            order, sorted_cell = key % n, key // n
+        else:
+            order = jnp.argsort(cell, stable=True).astype(jnp.int32)
+            sorted_cell = cell[order]
         counts = jnp.zeros((n_cells,), jnp.int32).at[cell].add(1)
         starts = jnp.cumsum(counts) - counts
         slot = jnp.arange(n, dtype=jnp.int32) - starts[sorted_cell]
