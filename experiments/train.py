@@ -1,6 +1,10 @@
 """Train and evaluate every loss of a config at its force budget.
 
   python experiments/train.py --config configs/predator_prey.py:quick --workdir workdirs/pp_quick
+
+With --data_only it only simulates (or checks) the data and exits: a second
+process started so on the same workdir shares a block-written pool's
+generation with the first (data.block_trajectories > 0).
 """
 
 from absl import app, flags, logging
@@ -10,12 +14,17 @@ from macro_jax import experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and results.")
+_DATA_ONLY = flags.DEFINE_bool("data_only", False, "Only simulate (or check) the data, then exit.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.info("config:\n%s", _CONFIG.value)
+    if _DATA_ONLY.value:
+        experiment.generate_data(_CONFIG.value, _WORKDIR.value)
+        print(f"data in {_WORKDIR.value}/data")
+        return
     results = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     print(experiment.format_table(results))
     print(f"\nresults, rollout.png and checkpoints are in {_WORKDIR.value}")

@@ -33,7 +33,7 @@ def _sha256(path: str) -> str:
 
 def _write_sidecar(path: str, metadata: dict[str, Any]) -> None:
     meta = dict(metadata, sha256=_sha256(path))
-    tmp = path + ".json.tmp"
+    tmp = f"{path}.json.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path + ".json")
@@ -62,7 +62,7 @@ def _check_sidecar(path: str, expect: dict[str, Any] | None) -> dict[str, Any]:
 
 def save_arrays(path: str, arrays: dict[str, Any], metadata: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
+    tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: processes may write the same file
     np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
     os.replace(tmp, path)
     _write_sidecar(path, metadata)
@@ -82,7 +82,7 @@ def load_arrays(path: str, expect: dict[str, Any] | None = None) -> tuple[dict[s
 def save_npy(path: str, array, metadata: dict[str, Any]) -> None:
     """One array as ``.npy`` (memory-mappable) plus the JSON sidecar."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npy"
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
     np.save(tmp, np.asarray(array), allow_pickle=False)
     os.replace(tmp, path)
     _write_sidecar(path, metadata)

@@ -120,38 +120,53 @@ def _pool_spec(config, spec) -> dict:
     return dict(spec, **extra)
 
 
-def _blocks(system, key, spec, block: int, done=lambda b: False):
+POLL_SECONDS = 10.0  # how often a process waits for blocks that others simulate
+
+
+def _blocks(system, key, spec, block: int, skip=lambda b: False):
     """Simulates ``spec``'s trajectories ``block`` at a time (block b from
-    ``fold_in(key, b)``), skipping blocks for which ``done(b)``; yields
+    ``fold_in(key, b)``), skipping blocks for which ``skip(b)``; yields
     (b, Trajectories, seconds)."""
     n = spec["n_trajectories"]
     for b, lo in enumerate(range(0, n, block)):
-        if not done(b):
+        if not skip(b):
             traj, seconds = _simulate(system, jr.fold_in(key, b), dict(spec, n_trajectories=min(block, n - lo)))
             yield b, traj, seconds
 
 
 def _block_pool(config, system, key, spec, directory) -> pool_lib.BlockPool:
-    """The pool as memory-mapped blocks, simulating (and filtering) the missing ones."""
+    """The pool as memory-mapped blocks, simulating (and filtering) the missing
+    ones; blocks another live process has claimed are waited for."""
     manifest = os.path.join(directory, "manifest.npz")
     if os.path.exists(manifest):
         logging.info("loading pool blocks from %s", directory)
         return pool_lib.BlockPool(directory, expect={"spec": spec})
 
-    def done(b):
+    def skip(b):  # written already (and valid), or another process is simulating it
         path = pool_lib.block_path(directory, b)
-        if not os.path.exists(path):
-            return False
-        checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)  # raises if stale or corrupt
-        return True
+        if os.path.exists(path):
+            checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)  # raises if stale or corrupt
+            return True
+        return not pool_lib.claim(path)
 
     block = int(config.data.block_trajectories)
-    for b, traj, seconds in _blocks(system, key, spec, block, done):
-        kept = _kept(config, system, traj.xs)
-        logging.info("pool block %d: %d trajectories, %d of %d frames kept, %.1fs", b, traj.xs.shape[0],
-                     kept.shape[0], traj.xs.shape[0] * traj.xs.shape[1], seconds)
-        checkpoint.save_npy(pool_lib.block_path(directory, b), kept, {"spec": spec, "block": b, "seconds": seconds})
     n_blocks = -(-spec["n_trajectories"] // block)
+    os.makedirs(directory, exist_ok=True)
+    while True:
+        for b, traj, seconds in _blocks(system, key, spec, block, skip):
+            path = pool_lib.block_path(directory, b)
+            try:
+                kept = _kept(config, system, traj.xs)
+                logging.info("pool block %d/%d: %d trajectories, %d of %d frames kept, %.1fs", b + 1, n_blocks,
+                             traj.xs.shape[0], kept.shape[0], traj.xs.shape[0] * traj.xs.shape[1], seconds)
+                checkpoint.save_npy(path, kept, {"spec": spec, "block": b, "seconds": seconds})
+            finally:
+                pool_lib.release(path)
+        waiting = [b for b in range(n_blocks) if not os.path.exists(pool_lib.block_path(directory, b))]
+        if not waiting:
+            break
+        logging.info("waiting for pool blocks %s (other processes)", waiting)
+        time.sleep(POLL_SECONDS)
     metas = [json.load(open(pool_lib.block_path(directory, b) + ".json")) for b in range(n_blocks)]
     rows = [int(np.load(pool_lib.block_path(directory, b), mmap_mode="r").shape[0]) for b in range(n_blocks)]
     checkpoint.save_arrays(manifest, {"rows": np.asarray(rows)},
@@ -243,6 +258,13 @@ def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     write_json(os.path.join(workdir, "autoencoder", "history.json"),
                 {k: v.tolist() for k, v in history.items()} | {"seconds": seconds})
     return ae
+
+
+def generate_data(config, workdir):
+    """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
+    system = make_system(config.system)
+    validate(config, system.n_observables, system.integrators)
+    return _trajectories(config, system, workdir)
 
 
 def prepare(config, workdir) -> Prepared:

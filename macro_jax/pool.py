@@ -14,6 +14,7 @@ in-memory array, so every stage handles both.
 from __future__ import annotations
 
 import os
+import socket
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +57,46 @@ class BlockPool:
             sel = np.flatnonzero(block == b)
             out[sel] = self.blocks[b][indices[sel] - self.offsets[b]]
         return out
+
+
+def claim(path: str) -> bool:
+    """Takes the lock ``path + ".lock"`` for this process (host and pid inside);
+    False if another live process holds it. A lock left by a dead process on
+    this host is taken over, so processes sharing a directory split the
+    blocks between them and a crash loses no block for good."""
+    lock = path + ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if not _stale(lock):
+            return False
+        os.remove(lock)
+        return claim(path)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+    return True
+
+
+def release(path: str) -> None:
+    if os.path.exists(path + ".lock"):
+        os.remove(path + ".lock")
+
+
+def _stale(lock: str) -> bool:
+    try:
+        with open(lock) as f:
+            host, pid = f.read().split()
+    except (OSError, ValueError):
+        return False  # being written right now
+    if host != socket.gethostname():
+        return False  # cannot tell; assume alive
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def block_path(directory: str, b: int) -> str:

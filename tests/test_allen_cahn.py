@@ -184,3 +184,56 @@ def test_autoencoder_from_blocks_equals_from_memory(smoke):
     b, hb = train.train_autoencoder(skeleton, everything, cfg, jr.PRNGKey(5))
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
     np.testing.assert_allclose(a.encoder.layers[0].weight, b.encoder.layers[0].weight, rtol=1e-4, atol=1e-7)
+
+
+def test_block_claims_split_work_and_stale_locks_are_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from macro_jax import pool as pool_lib
+
+    path = str(tmp_path / "block_00000.npy")
+    assert pool_lib.claim(path) and not pool_lib.claim(path)  # held by this (live) process
+    pool_lib.release(path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(path + ".lock", "w") as f:
+        import socket
+
+        f.write(f"{socket.gethostname()} {dead.pid}")
+    assert pool_lib.claim(path)  # its owner is gone
+    pool_lib.release(path)
+    assert not os.path.exists(path + ".lock")
+
+
+def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatch):
+    import os
+    import shutil
+    import threading
+
+    from macro_jax import experiment
+    from macro_jax import pool as pool_lib
+
+    workdir, config, _, prep = smoke
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    pool_dir = os.path.join(copy, "data", "pool")
+    for name in ("block_00002.npy", "block_00002.npy.json", "manifest.npz", "manifest.npz.json"):
+        os.remove(os.path.join(pool_dir, name))
+    block = pool_lib.block_path(pool_dir, 2)
+    assert pool_lib.claim(block)  # "another process" (this one, alive) is simulating block 2
+    monkeypatch.setattr(experiment, "POLL_SECONDS", 0.05)
+    original = os.path.join(workdir, "data", "pool", "block_00002.npy")
+
+    def finish_it():  # the other process writes its block a little later
+        import time
+
+        time.sleep(0.5)
+        for suffix in ("", ".json"):
+            shutil.copy(original + suffix, block + suffix)
+        pool_lib.release(block)
+
+    threading.Thread(target=finish_it).start()
+    pool, _ = experiment.generate_data(config, copy)
+    np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))

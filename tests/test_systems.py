@@ -45,7 +45,8 @@ def test_predator_prey_rates_analytic(pp):
     np.testing.assert_allclose(f[n:], 3.0 * 0.25 * (0.5 - 0.4))
 
 
-@pytest.mark.parametrize("n_sites,k", [(100, 20), (100, 100), (51_200, 50), (800, 50), (7, 1)])
+@pytest.mark.parametrize("n_sites,k", [(100, 20), (100, 100), (51_200, 50), (800, 50), (7, 1),
+                                       (51_200, 3_200), (40_000, 2_500), (1_000, 200)])  # the last three: distinct draws
 def test_sample_sites_distinct_and_in_range(n_sites, k):
     sites = np.asarray(sample_sites(jr.PRNGKey(3), n_sites, k))
     assert sites.shape == (k,)
@@ -53,14 +54,32 @@ def test_sample_sites_distinct_and_in_range(n_sites, k):
     assert sites.min() >= 0 and sites.max() < n_sites
 
 
-def test_sample_sites_is_uniform():
+# Floyd (29 dof: P(chi2 > 70) < 1e-4); distinct draws, k^2 > n log n (399 dof: P(chi2 > 520) < 1e-4)
+@pytest.mark.parametrize("n_sites,k,max_chi2", [(30, 5, 70.0), (400, 61, 520.0)])
+def test_sample_sites_is_uniform(n_sites, k, max_chi2):
     """Every site is chosen with probability k / n (chi-square over many draws)."""
-    n_sites, k, n_draws = 30, 5, 6000
+    n_draws = 6000
     draws = jax.vmap(lambda key: sample_sites(key, n_sites, k))(jr.split(jr.PRNGKey(4), n_draws))
     counts = np.bincount(np.asarray(draws).ravel(), minlength=n_sites)
     expected = n_draws * k / n_sites
     chi2 = np.sum((counts - expected) ** 2 / expected)
-    assert chi2 < 70.0  # 29 dof: P(chi2 > 70) < 1e-4
+    assert chi2 < max_chi2
+    assert all(len(set(d)) == k for d in np.asarray(draws).tolist())
+
+
+def test_distinct_draws_are_uniform_over_pairs():
+    """Pairs of sites come up equally often too (a uniform k-subset, not just uniform marginals)."""
+    from macro_jax.systems.base import _distinct_draws
+
+    n_sites, k, n_draws = 8, 3, 20000
+    draws = np.sort(np.asarray(jax.vmap(lambda key: _distinct_draws(key, n_sites, k, 4))(
+        jr.split(jr.PRNGKey(5), n_draws))), axis=1)  # m = 4 draws: frequent redraws
+    pairs = np.zeros((n_sites, n_sites))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        np.add.at(pairs, (draws[:, a], draws[:, b]), 1)
+    counts = pairs[np.triu_indices(n_sites, 1)]
+    expected = n_draws * 3 / 28  # each draw holds 3 of the 28 pairs
+    assert np.sum((counts - expected) ** 2 / expected) < 65.0  # 27 dof: P(chi2 > 65) < 1e-4
 
 
 def test_sample_sites_rejects_bad_k():

@@ -24,6 +24,7 @@ A system is a frozen bundle of pure functions built by a ``make_*`` factory:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple, Protocol
 
 import jax
@@ -83,16 +84,31 @@ class MicroSystem:
 def sample_sites(key: PRNGKeyArray, n_sites: int, k: int) -> Int[Array, " k"]:
     """k distinct sites drawn uniformly without replacement from range(n_sites).
 
-    Small k uses Robert Floyd's algorithm: k draws and an O(k) membership test
-    each, so O(k^2) work and no O(N log N) permutation of all sites. Once
-    k^2 exceeds N log N a permutation is cheaper and is used instead.
+    Never an O(N log N) permutation of all sites (unless k is a large fraction
+    of them, where that is O(k log k) too):
+
+    * small k (k^2 <= N log N): Robert Floyd's algorithm, k draws and an O(k)
+      membership test each;
+    * larger k: ``m`` slightly more than k i.i.d. draws, one sort of m keys,
+      and the first k distinct values in draw order, which is sequential
+      sampling with rejection of repeats, hence uniform; redrawn in the rare
+      case of fewer than k distinct values (``lax.while_loop``).
+
     The order of the returned sites carries no meaning.
     """
     if not 0 < k <= n_sites:
         raise ValueError(f"subset size k={k} must be in [1, n_sites={n_sites}]")
-    if k * k > n_sites * max(1, n_sites.bit_length()):
-        return jr.permutation(key, n_sites)[:k].astype(jnp.int32)
+    if k * k <= n_sites * max(1, n_sites.bit_length()):
+        return _floyd(key, n_sites, k)
+    # m draws give n (1 - exp(-m / n)) distinct values on average; aim for k plus 6 sigma.
+    target = k + 6.0 * math.sqrt(k) + 8.0
+    if target >= 0.5 * n_sites:
+        return jr.permutation(key, n_sites)[:k].astype(jnp.int32)  # k ~ n: O(n log n) = O(k log k)
+    m = int(math.ceil(-n_sites * math.log1p(-target / n_sites)))
+    return _distinct_draws(key, n_sites, k, m)
 
+
+def _floyd(key, n_sites: int, k: int):
     draw_keys = jr.split(key, k)
 
     def body(i, chosen):
@@ -103,3 +119,24 @@ def sample_sites(key: PRNGKeyArray, n_sites: int, k: int) -> Int[Array, " k"]:
 
     chosen = jnp.full((k,), -1, dtype=jnp.int32)
     return jax.lax.fori_loop(0, k, body, chosen)
+
+
+def _distinct_draws(key, n_sites: int, k: int, m: int):
+    """The first k distinct values of m i.i.d. uniform draws (see ``sample_sites``)."""
+
+    def attempt(key):
+        v = jr.randint(key, (m,), 0, n_sites, dtype=jnp.int32).astype(jnp.int64)
+        s = jnp.sort(v * m + jnp.arange(m, dtype=jnp.int64))  # one sort of single keys: by value, then draw
+        value, position = s // m, s % m
+        first = jnp.concatenate([jnp.ones((1,), bool), value[1:] != value[:-1]])
+        is_first = jnp.zeros((m,), bool).at[position].set(first)
+        picked = jnp.nonzero(is_first, size=k, fill_value=0)[0]  # first k distinct draws, in draw order
+        return v[picked].astype(jnp.int32), jnp.sum(first) >= k
+
+    def body(state):
+        key, _, _ = state
+        key, sub = jr.split(key)
+        return (key, *attempt(sub))
+
+    key, sub = jr.split(key)
+    return jax.lax.while_loop(lambda state: ~state[2], body, (key, *attempt(sub)))[1]
