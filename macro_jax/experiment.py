@@ -134,44 +134,73 @@ def _blocks(system, key, spec, block: int, skip=lambda b: False):
             yield b, traj, seconds
 
 
+def _claimed_blocks(system, key, spec, block: int, directory: str, ext: str, write, check) -> list[str]:
+    """Simulates every missing block of ``spec``'s trajectories, ``block`` at a
+    time, into ``directory/block_<b>.<ext>`` via ``write(path, b, traj, seconds)``.
+    Each block is claimed first (``pool.claim``), so processes sharing the
+    directory split the work; blocks others hold are waited for; existing
+    blocks are verified by ``check(path, b)``. Returns the block paths."""
+    n_blocks = -(-spec["n_trajectories"] // block)
+    paths = [pool_lib.block_path(directory, b, ext) for b in range(n_blocks)]
+    os.makedirs(directory, exist_ok=True)
+
+    def skip(b):  # written already (and valid), or another process is simulating it
+        if os.path.exists(paths[b]):
+            check(paths[b], b)  # raises if stale or corrupt
+            return True
+        return not pool_lib.claim(paths[b])
+
+    while True:
+        for b, traj, seconds in _blocks(system, key, spec, block, skip):
+            try:
+                write(paths[b], b, traj, seconds)
+            finally:
+                pool_lib.release(paths[b])
+        waiting = [b for b in range(n_blocks) if not os.path.exists(paths[b])]
+        if not waiting:
+            return paths
+        logging.info("waiting for blocks %s of %s (other processes)", waiting, directory)
+        time.sleep(POLL_SECONDS)
+
+
 def _block_pool(config, system, key, spec, directory) -> pool_lib.BlockPool:
-    """The pool as memory-mapped blocks, simulating (and filtering) the missing
-    ones; blocks another live process has claimed are waited for."""
+    """The pool as memory-mapped blocks, simulating (and filtering) the missing ones."""
     manifest = os.path.join(directory, "manifest.npz")
     if os.path.exists(manifest):
         logging.info("loading pool blocks from %s", directory)
         return pool_lib.BlockPool(directory, expect={"spec": spec})
-
-    def skip(b):  # written already (and valid), or another process is simulating it
-        path = pool_lib.block_path(directory, b)
-        if os.path.exists(path):
-            checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)  # raises if stale or corrupt
-            return True
-        return not pool_lib.claim(path)
-
     block = int(config.data.block_trajectories)
-    n_blocks = -(-spec["n_trajectories"] // block)
-    os.makedirs(directory, exist_ok=True)
-    while True:
-        for b, traj, seconds in _blocks(system, key, spec, block, skip):
-            path = pool_lib.block_path(directory, b)
-            try:
-                kept = _kept(config, system, traj.xs)
-                logging.info("pool block %d/%d: %d trajectories, %d of %d frames kept, %.1fs", b + 1, n_blocks,
-                             traj.xs.shape[0], kept.shape[0], traj.xs.shape[0] * traj.xs.shape[1], seconds)
-                checkpoint.save_npy(path, kept, {"spec": spec, "block": b, "seconds": seconds})
-            finally:
-                pool_lib.release(path)
-        waiting = [b for b in range(n_blocks) if not os.path.exists(pool_lib.block_path(directory, b))]
-        if not waiting:
-            break
-        logging.info("waiting for pool blocks %s (other processes)", waiting)
-        time.sleep(POLL_SECONDS)
-    metas = [json.load(open(pool_lib.block_path(directory, b) + ".json")) for b in range(n_blocks)]
-    rows = [int(np.load(pool_lib.block_path(directory, b), mmap_mode="r").shape[0]) for b in range(n_blocks)]
+
+    def write(path, b, traj, seconds):
+        kept = _kept(config, system, traj.xs)
+        logging.info("pool block %d/%d: %d trajectories, %d of %d frames kept, %.1fs", b + 1,
+                     -(-spec["n_trajectories"] // block), traj.xs.shape[0], kept.shape[0],
+                     traj.xs.shape[0] * traj.xs.shape[1], seconds)
+        checkpoint.save_npy(path, kept, {"spec": spec, "block": b, "seconds": seconds})
+
+    check = lambda path, b: checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)
+    paths = _claimed_blocks(system, key, spec, block, directory, "npy", write, check)
+    seconds = sum(json.load(open(path + ".json"))["seconds"] for path in paths)
+    rows = [int(np.load(path, mmap_mode="r").shape[0]) for path in paths]
     checkpoint.save_arrays(manifest, {"rows": np.asarray(rows)},
-                           {"spec": spec, "seconds": sum(m["seconds"] for m in metas), "versions": checkpoint.versions()})
+                           {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
     return pool_lib.BlockPool(directory, expect={"spec": spec})
+
+
+def _block_test(config, system, key, spec, directory) -> tuple[TestSet, float]:
+    """The test set simulated in claimed blocks (each its first frames and observables)."""
+
+    def write(path, b, traj, seconds):
+        logging.info("test block %d: %d trajectories, %.1fs", b, traj.xs.shape[0], seconds)
+        checkpoint.save_arrays(path, {"times": traj.times, "x0": traj.xs[:, 0], "obs": _observables(system, traj.xs)},
+                               {"spec": spec, "block": b, "seconds": seconds})
+
+    check = lambda path, b: checkpoint.load_arrays(path, expect={"spec": spec, "block": b})
+    paths = _claimed_blocks(system, key, spec, int(config.data.block_trajectories), directory, "npz", write, check)
+    parts = [checkpoint.load_arrays(path, expect={"spec": spec}) for path in paths]
+    test = TestSet(jnp.asarray(parts[0][0]["times"]), *(jnp.asarray(np.concatenate([a[k] for a, _ in parts]))
+                                                        for k in ("x0", "obs")))
+    return test, sum(meta["seconds"] for _, meta in parts)
 
 
 def _trajectories(config, system, workdir):
@@ -192,12 +221,7 @@ def _trajectories(config, system, workdir):
     if block:
         pool = _block_pool(config, system, keys["pool"], specs["pool"], os.path.join(workdir, "data", "pool"))
         if test is None:
-            times, x0, obs, seconds = None, [], [], 0.0
-            for _, traj, sec in _blocks(system, keys["test"], specs["test"], block):
-                times, seconds = traj.times, seconds + sec
-                x0.append(traj.xs[:, 0])
-                obs.append(_observables(system, traj.xs))
-            test = TestSet(jnp.asarray(times), jnp.concatenate(x0), jnp.asarray(np.concatenate(obs)))
+            test, seconds = _block_test(config, system, keys["test"], specs["test"], os.path.join(workdir, "data", "test"))
             checkpoint.save_arrays(paths["test"], test._asdict(),
                                    {"spec": specs["test"], "seconds": seconds, "versions": checkpoint.versions()})
         return pool, test

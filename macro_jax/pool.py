@@ -99,8 +99,8 @@ def _stale(lock: str) -> bool:
     return False
 
 
-def block_path(directory: str, b: int) -> str:
-    return os.path.join(directory, f"block_{b:05d}.npy")
+def block_path(directory: str, b: int, ext: str = "npy") -> str:
+    return os.path.join(directory, f"block_{b:05d}.{ext}")
 
 
 def n_configs(pool) -> int:

@@ -125,6 +125,7 @@ def test_smoke_run_streams_a_filtered_block_pool(smoke):
     assert sorted(os.listdir(os.path.join(workdir, "data", "pool"))) == [
         "block_00000.npy", "block_00000.npy.json", "block_00001.npy", "block_00001.npy.json",
         "block_00002.npy", "block_00002.npy.json", "manifest.npz", "manifest.npz.json"]
+    assert sorted(os.listdir(os.path.join(workdir, "data", "test"))) == ["block_00000.npz", "block_00000.npz.json"]
     assert isinstance(prep.pool, BlockPool)
     energy = jax.vmap(prep.system.observable_fn)(jnp.asarray(prep.pool.take(np.arange(len(prep.pool)))))
     assert bool(jnp.all(energy > config.data.pool_keep_above))  # the filter
