@@ -146,6 +146,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.sweep.budgets = ()  # force budgets to sweep
     c.sweep.runs = ()  # losses to sweep, as in train.runs
+    # Per loss ("z", "x", "xp"): training-set sizes in configurations. A run
+    # whose loss is here sweeps these (budget = configurations x sites with
+    # forces) instead of sweep.budgets (Fig. 4: 250..3000 full vs 500..5000
+    # partial configurations).
+    c.sweep.n_configs = ml_collections.ConfigDict()
 
     # ---------------------------------------------------------------- structures (experiments/structures.py)
     c.structures = ml_collections.ConfigDict()

@@ -137,3 +137,7 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
     _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
     for b in config.sweep.budgets:
         _require(b >= 1, "sweep.budgets", config.sweep.budgets, "must hold positive budgets")
+    for loss, sizes in dict(config.sweep.n_configs).items():
+        _require(loss in LOSSES, "sweep.n_configs", dict(config.sweep.n_configs), f"keys must be in {list(LOSSES)}")
+        _require(len(sizes) >= 1 and all(int(n) >= 1 for n in sizes), f"sweep.n_configs.{loss}", sizes,
+                 "must be a non-empty tuple of positive configuration counts")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from macro_jax import experiment
+from macro_jax.config import parse_run, subset_size
+from macro_jax.systems import make_system
 
 # Published Predator-Prey means over 3 seeds (authors' result.csv), keyed by
 # force budget (site forces) and run; n-equivalent = budget / 100.
@@ -25,10 +27,59 @@ REFERENCE = {
 E_TOL = 3e-3
 
 
+def grid(config) -> list[tuple[str, int]]:
+    """The sweep's (run, budget) pairs: ``sweep.budgets`` for every run of
+    ``sweep.runs``, except runs whose loss has training-set sizes in
+    ``sweep.n_configs`` (then budget = configurations x sites with forces)."""
+    sizes = dict(config.sweep.n_configs)
+    n_sites = make_system(config.system).n_sites if sizes else 0
+    pairs = []
+    for spec in config.sweep.runs:
+        loss, p = parse_run(spec)
+        if loss in sizes:
+            k = subset_size(p, n_sites, spec) if loss == "xp" else n_sites
+            pairs += [(spec, int(n) * k) for n in sizes[loss]]
+        else:
+            pairs += [(spec, int(b)) for b in config.sweep.budgets]
+    return sorted(pairs, key=lambda sb: (sb[1], sb[0]))
+
+
 def run_sweep(config, workdir: str) -> list[dict]:
     get_prep = experiment.memo_prepare(config, workdir)
-    return [experiment.cached_run(config, spec, budget, workdir, get_prep)
-            for budget in config.sweep.budgets for spec in config.sweep.runs]
+    return [experiment.cached_run(config, spec, budget, workdir, get_prep) for spec, budget in grid(config)]
+
+
+def forces_to_etol(results: list[dict], e_tol: float = E_TOL) -> dict[str, dict]:
+    """Per run: the force budget (and labelling seconds) at which the mean test
+    error first falls below ``e_tol``.
+
+    Budgets are scanned in increasing order; between the last budget above
+    e_tol and the first below it, log(error) is interpolated linearly in
+    log(budget) (and log(seconds) likewise). If the smallest budget is already
+    below e_tol, that budget is reported (an upper bound: ``bound`` "at most");
+    if none is, ``reached`` is False and the largest budget is a lower bound.
+    """
+    out = {}
+    for spec in dict.fromkeys(r["run"] for r in results):
+        rs = sorted((r for r in results if r["run"] == spec), key=lambda r: r["budget"])
+        entry = {"loss": rs[0]["loss"], "p": rs[0]["p"], "sites_per_config": rs[0]["sites_per_config"],
+                 "reached": False, "bound": "at least", "forces_to_etol": float(rs[-1]["n_force_computations"]),
+                 "seconds_to_etol": float(rs[-1]["force_seconds"])}
+        for i, r in enumerate(rs):
+            if r["test_error_mean"] >= e_tol:
+                continue
+            entry.update(reached=True, bound="at most" if i == 0 else "interpolated")
+            if i == 0:
+                entry.update(forces_to_etol=float(r["n_force_computations"]), seconds_to_etol=float(r["force_seconds"]))
+            else:
+                lo = rs[i - 1]
+                t = (np.log(e_tol) - np.log(lo["test_error_mean"])) / (np.log(r["test_error_mean"]) - np.log(lo["test_error_mean"]))
+                interp = lambda a, b: float(np.exp(np.log(a) + t * (np.log(b) - np.log(a))))
+                entry.update(forces_to_etol=interp(lo["n_force_computations"], r["n_force_computations"]),
+                             seconds_to_etol=interp(max(lo["force_seconds"], 1e-12), max(r["force_seconds"], 1e-12)))
+            break
+        out[spec] = entry
+    return out
 
 
 def rows(results: list[dict]) -> list[dict]:
@@ -36,22 +87,39 @@ def rows(results: list[dict]) -> list[dict]:
     out = []
     for r in results:
         for seed, err in zip(r["seeds"], r["test_errors"]):
-            out.append({"loss": r["loss"], "p": r["p"], "budget": r["budget"], "seed": seed, "test_error": err,
-                        "n_configs": r["n_configs"], "n_force_computations": r["n_force_computations"]})
+            out.append({"loss": r["loss"], "run": r["run"], "p": r["p"], "budget": r["budget"], "seed": seed,
+                        "test_error": err, "n_configs": r["n_configs"], "sites_per_config": r["sites_per_config"],
+                        "n_force_computations": r["n_force_computations"], "force_seconds": r["force_seconds"]})
+    return out
+
+
+def results_from_rows(rows_: list[dict]) -> list[dict]:
+    """Per (run, budget) results (mean and std over seeds) from per-seed rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows_:
+        groups.setdefault((row["run"], row["budget"]), []).append(row)
+    out = []
+    for (spec, budget), rs in groups.items():
+        errors = [r["test_error"] for r in rs]
+        out.append({"run": spec, "loss": rs[0]["loss"], "p": rs[0]["p"], "budget": budget,
+                    "sites_per_config": rs[0]["sites_per_config"], "n_configs": rs[0]["n_configs"],
+                    "n_force_computations": rs[0]["n_force_computations"], "force_seconds": rs[0]["force_seconds"],
+                    "seeds": [r["seed"] for r in rs], "test_errors": errors,
+                    "test_error_mean": float(np.mean(errors)), "test_error_std": float(np.std(errors))})
     return out
 
 
 def table(results: list[dict], system: str) -> str:
     ref = REFERENCE.get(system, {})
-    lines = ["| budget (n-equiv) | loss | ours: mean ± std | ours: per seed | reference (mean) | ours / reference |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| force budget | configurations | loss | ours: mean ± std | ours: per seed | reference (mean) | ours / reference |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         label = r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
         ref_value = ref.get(r["run"], {}).get(r["budget"])
         ratio = f"{r['test_error_mean'] / ref_value:.2f}" if ref_value else "–"
         ref_text = f"{ref_value:.2e}" if ref_value else "–"
         seeds = " / ".join(f"{e:.1e}" for e in r["test_errors"])
-        lines.append(f"| {r['budget']:.1e} ({r['budget'] // 100}) | {label} | {r['test_error_mean']:.2e} ± "
+        lines.append(f"| {r['budget']:.1e} | {r['n_configs']:,} | {label} | {r['test_error_mean']:.2e} ± "
                      f"{r['test_error_std']:.1e} | {seeds} | {ref_text} | {ratio} |")
     return "\n".join(lines)
 

@@ -1,0 +1,68 @@
+"""Fig. 4 machinery: budgets to reach e_tol, per-size sweep grids, the collector."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import lj_scaling
+from macro_jax import scaling, sweep
+from macro_jax.config import ConfigError, validate
+
+
+def _result(spec, budget, error, seconds=1.0, k=50):
+    return {"run": spec, "loss": "L_x,p" if spec.startswith("xp") else "L_z", "p": 1.0, "budget": budget,
+            "sites_per_config": k, "n_force_computations": budget, "force_seconds": seconds,
+            "test_error_mean": error}
+
+
+def test_forces_to_etol_interpolates_on_log_axes():
+    results = [_result("z", 10_000, 1e-2, 1.0), _result("z", 1_000_000, 1e-3, 100.0), _result("z", 1e8, 1e-4)]
+    entry = sweep.forces_to_etol(results, 3e-3)["z"]
+    # log-linear between (1e4, 1e-2) and (1e6, 1e-3): t = ln(0.3) / ln(0.1)
+    t = np.log(0.3) / np.log(0.1)
+    assert entry["reached"] and entry["bound"] == "interpolated"
+    np.testing.assert_allclose(entry["forces_to_etol"], 1e4 * 100**t, rtol=1e-12)
+    np.testing.assert_allclose(entry["seconds_to_etol"], 100**t, rtol=1e-12)
+
+
+def test_forces_to_etol_bounds():
+    below = sweep.forces_to_etol([_result("z", 500, 1e-3), _result("z", 1000, 5e-4)], 3e-3)["z"]
+    assert below["reached"] and below["bound"] == "at most" and below["forces_to_etol"] == 500
+    above = sweep.forces_to_etol([_result("xp:1/2", 500, 1e-2), _result("xp:1/2", 1000, 5e-3)], 3e-3)["xp:1/2"]
+    assert not above["reached"] and above["bound"] == "at least" and above["forces_to_etol"] == 1000
+
+
+def test_scaling_configs_and_grid():
+    for n in (800, 2700, 6400, 21600):
+        config = lj_scaling.get_config(str(n))
+        validate(config, n_observables=1, integrators=("velocity_verlet",))
+        assert config.sweep.runs == ("z", f"xp:50/{n}")
+        assert config.system.params.n_atoms / config.system.params.box_size**3 == pytest.approx(0.8)
+    pairs = sweep.grid(lj_scaling.get_config("2700"))
+    assert ("z", 250 * 2700) in pairs and (f"xp:50/2700", 500 * 50) in pairs
+    with pytest.raises(ValueError, match="unknown lj_scaling config variant"):
+        lj_scaling.get_config("1000")
+    config = lj_scaling.get_config("smoke")
+    config.sweep.n_configs = {"zz": (1,)}
+    with pytest.raises(ConfigError, match="sweep.n_configs"):
+        validate(config, 1, integrators=("velocity_verlet",))
+
+
+def test_smoke_sweep_and_fig4_collector(tmp_path):
+    config = lj_scaling.get_config("smoke")
+    results = sweep.run_sweep(config, str(tmp_path / "lj100"))
+    assert sorted((r["run"], r["n_configs"]) for r in results) == [
+        ("xp:10/100", 40), ("xp:10/100", 80), ("z", 10), ("z", 20)]
+    rows = sweep.rows(results)
+    out = scaling.collect([rows], e_tol=1e9)  # every run is below a huge e_tol: the smallest budget
+    assert {(r["n_atoms"], r["loss"], r["bound"]) for r in out} == {(100, "L_z", "at most"), (100, "L_x,p", "at most")}
+    by = {r["loss"]: r for r in out}
+    assert by["L_z"]["forces_to_etol"] == 10 * 100 and by["L_x,p"]["forces_to_etol"] == 40 * 10
+    assert by["L_z"]["seconds_to_etol"] > 0
+    table = scaling.table(out)
+    assert "ratio L_z / L_x,p | 2.5x" in table
+    scaling.plot(out, str(tmp_path / "fig4.png"))
+    assert os.path.getsize(tmp_path / "fig4.png") > 0
