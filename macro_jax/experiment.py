@@ -521,6 +521,14 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_rows(results: list[dict]) -> list[dict]:
+    """One object per (loss, seed): what docs/results/ commits for a single-budget run."""
+    return [{"loss": r["loss"], "run": r["run"], "p": r["p"], "seed": seed, "test_error": err,
+             "n_force_computations": r["n_force_computations"], "n_configs": r["n_configs"],
+             "force_seconds": r["force_seconds"]}
+            for r in results for seed, err in zip(r["seeds"], r["test_errors"])]
+
+
 def plot_rollout(results: list[dict], times, path: str, trajectory: int, observable_names) -> None:
     import matplotlib
 

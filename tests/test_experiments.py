@@ -100,11 +100,16 @@ def test_launcher_runs_from_the_command_line(tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config",
          os.path.join(ROOT, "configs", "predator_prey.py") + ":smoke", "--workdir", str(tmp_path),
-         "--config.train.runs=('z',)", "--config.train.epochs=1"],
+         "--config.train.runs=('z',)", "--config.train.epochs=1", "--out", str(tmp_path / "docs" / "pp.json")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "force computations" in out.stdout and "L_z" in out.stdout
+    with open(tmp_path / "docs" / "pp.json") as f:
+        rows = json.load(f)
+    assert [(r["loss"], r["seed"]) for r in rows] == [("L_z", 1), ("L_z", 2)]
+    assert {"loss", "seed", "test_error", "n_force_computations"} <= set(rows[0])
+    assert os.path.getsize(tmp_path / "docs" / "pp.png") > 0 and os.path.exists(tmp_path / "docs" / "pp.md")
 
 
 def test_launcher_reports_bad_value(tmp_path):
