@@ -210,7 +210,7 @@ def partial_rate_moments(system: MicroSystem, samples):
     return total, total**2 - n**2 * (1.0 - k / n) * spread / k
 
 
-def rate_statistics(system: MicroSystem, loss: str, samples):
+def rate_statistics(system: MicroSystem, loss: str, samples, chunk: int = 1024):
     """Mean and std of the latent rate ``J f`` from what the run's labels allow.
 
     With all forces these are the sample statistics of ``J f``; with partial
@@ -220,9 +220,18 @@ def rate_statistics(system: MicroSystem, loss: str, samples):
         jf = samples["jf"].astype(jnp.float64)
         mean, var = jnp.mean(jf, 0), jnp.var(jf, 0, ddof=1)
     else:
-        total, second = partial_rate_moments(system, samples)
-        mean = jnp.mean(total, 0)
-        var = jnp.mean(second, 0) - mean**2
+        # Per-configuration moments in float64 chunk by chunk: the float64 copy of
+        # every J[:, I] at once would be twice the samples (13 GB for Allen-Cahn).
+        @jax.jit
+        def moments(s):
+            total, second = partial_rate_moments(system, s)
+            return jnp.sum(total, 0), jnp.sum(second, 0), jnp.sum(total**2, 0)
+
+        n = samples["f_sub"].shape[0]
+        sums = [moments(jax.tree_util.tree_map(lambda a: a[lo:hi], samples)) for lo, hi in pool_lib.chunks(n, chunk)]
+        total_sum, second_sum, square_sum = (sum(parts) for parts in zip(*sums))
+        mean = total_sum / n
+        var = second_sum / n - mean**2
         # Sampling noise can push the estimate below zero for tiny data sets.
-        var = jnp.maximum(var, 1e-6 * jnp.mean(total**2, 0))
+        var = jnp.maximum(var, 1e-6 * square_sum / n)
     return mean.astype(jnp.float32), jnp.sqrt(var).astype(jnp.float32)

@@ -117,6 +117,11 @@ def test_partial_rate_moments_unbiased(setup):
         assert np.all(np.abs(est.mean(0) - truth) < 4 * stderr + 1e-12), (est.mean(0), truth, stderr)
     # the naive second moment T^2 is biased upwards by the subset noise; the correction matters
     assert np.all((total**2).mean(0) - jf**2 > 4 * (total**2).std(0) / np.sqrt(n_draws))
+    # the statistics streamed in chunks equal the whole-array formula
+    mean, std = data.rate_statistics(system, "xp", part, chunk=3001)
+    np.testing.assert_allclose(mean, total.mean(0), rtol=1e-5)
+    var = second.mean(0) - total.mean(0) ** 2  # one configuration: ~0, clamped as rate_statistics does
+    np.testing.assert_allclose(std, np.sqrt(np.maximum(var, 1e-6 * (total**2).mean(0))), rtol=1e-4)
 
 
 def test_condition_number_and_loss():
