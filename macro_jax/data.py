@@ -50,10 +50,11 @@ def label_full(system: MicroSystem, xs, chunk: int = 256) -> tuple[jax.Array, Fo
     return forces, ForceAccount(int(xs.shape[0]) * system.n_sites, seconds)
 
 
-def draw_sites(system: MicroSystem, key, n_configs: int, k: int):
-    """k distinct sites for each of ``n_configs`` configurations, shape (n, k)."""
+def draw_sites(system: MicroSystem, key, n_configs: int, k: int, chunk: int = 1024):
+    """k distinct sites for each of ``n_configs`` configurations, shape (n, k),
+    ``chunk`` configurations vmapped at a time (bounds the sampler's memory)."""
     keys = jr.split(key, n_configs)
-    return jax.jit(jax.vmap(lambda kk: sample_sites(kk, system.n_sites, k)))(keys)
+    return jax.jit(lambda keys: jax.lax.map(lambda kk: sample_sites(kk, system.n_sites, k), keys, batch_size=chunk))(keys)
 
 
 def label_subset(system: MicroSystem, xs, sites, chunk: int = 256) -> tuple[jax.Array, ForceAccount]:
