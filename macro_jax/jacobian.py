@@ -63,16 +63,18 @@ def make_geometry_fn(ae: Autoencoder, method: str) -> Callable[[jax.Array, jax.A
 
         def geometry(x, dofs):
             obs = ae.observable_fn(x).astype(jnp.float32)
-            a = jax.jacrev(ae.observable_fn)(x).astype(F64)  # (d*, N)
+            a = jax.jacrev(ae.observable_fn)(x)  # (d*, N), x's dtype; products below in float64
             h1 = first(x)
             closure = ae.encoder.tail(h1)
             r = jax.jacrev(ae.encoder.tail)(h1).astype(F64)  # (c, width)
             a_w1t = dot_t_f64(a, w1)  # (d*, width)
-            g_oo = a @ a.T
+            g_oo = dot_t_f64(a, a)
             g_oc = a_w1t @ r.T
             g_cc = r @ w1w1t @ r.T
             gram = jnp.block([[g_oo, g_oc], [g_oc.T, g_cc]])
-            cols = jnp.concatenate([a[:, dofs], r @ w1[:, dofs].astype(F64)]).astype(jnp.float32)
+            # J[:, I] is stored in float32: a float32 product over the width (64) suffices
+            # and never holds a float64 copy of the gathered W1 columns.
+            cols = jnp.concatenate([a[:, dofs].astype(jnp.float32), r.astype(jnp.float32) @ w1[:, dofs]])
             return Geometry(jnp.concatenate([obs, closure]), gram, cols)
 
         return geometry
