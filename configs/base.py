@@ -129,6 +129,13 @@ def get_config() -> ml_collections.ConfigDict:
     # (0 = never); an interrupted run started again continues from it and ends
     # with the same numbers as an uninterrupted one.
     c.train.checkpoint_every = 0
+    # Every this many epochs (and after the last), evaluate the members on
+    # held-out data outside the jitted epoch: L_z and L_x on
+    # diagnostics.holdout pool configurations with all forces (not counted in
+    # the budget; result.json reports them as diagnostic_force_computations)
+    # and the test rollout error; the curves go to runs/<run>/history.npz as
+    # monitor/<name>. 0 = off. Bookkeeping: it never changes a run's numbers.
+    c.train.monitor_every = 0
     # Per-loss overrides of the fields above, e.g. {"z": {"patience": 50}}.
     c.train.per_loss = ml_collections.ConfigDict()
     c.train.precompute_chunk = 1024  # configurations per labelling and precompute batch (bounds memory)
@@ -141,6 +148,19 @@ def get_config() -> ml_collections.ConfigDict:
     # over the test set are left out of the error (Allen-Cahn reference: 1e-4,
     # after the ring has vanished); 0 keeps every frame.
     c.eval.relative_floor = 0.0
+
+    # ---------------------------------------------------------------- diagnostics (experiments/diagnostics.py)
+    c.diagnostics = ml_collections.ConfigDict()
+    # Pool configurations held out for the monitored curves (train.monitor_every):
+    # the first of one fixed permutation of the pool (key: seed) that the run
+    # does not label, so mostly the same rows for every run of an experiment.
+    c.diagnostics.holdout = 256
+    # Pool configurations over which cond(J J^T) and the spectrum of J are
+    # computed (0 = all; else this many, evenly spaced over the pool).
+    c.diagnostics.cond_configs = 0
+    # autoencoder.lambda_cond values of the lambda sweep (--mode=lambda_sweep);
+    # each trains its own autoencoder and every run of train.runs.
+    c.diagnostics.lambda_values = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
     # ---------------------------------------------------------------- sweep (experiments/sweep.py)
     c.sweep = ml_collections.ConfigDict()

@@ -5,6 +5,9 @@ Reproduction (L_z vs L_x,p at one budget, 3 seeds):
 Budget sweep (writes docs/results/predator_prey.json):
   python experiments/sweep.py --config configs/predator_prey.py --workdir workdirs/pp_sweep \
       --out docs/results/predator_prey.json
+lambda_cond sweep (writes docs/results/lambda_cond.json, .png, .md):
+  python experiments/diagnostics.py --mode=lambda_sweep --config configs/predator_prey.py:quick \
+      --workdir workdirs/diag_lambda --out docs/results/lambda_cond.json
 Variants (config argument after the colon):
   :quick  what `make run` runs: smaller pool and fewer epochs, minutes on 2 cores.
   :smoke  seconds; used by the test suite.
@@ -82,6 +85,7 @@ def get_config(variant: str = ""):
         c.train.seeds = (1, 2)
         c.train.runs = ("z", "x", "xp:0.2")
         c.train.log_every = 1
+        c.diagnostics.holdout = 64  # the L_x,p run labels 300 of the 400 configurations
         c.sweep.budgets = (2_000, 4_000)
         c.sweep.runs = ("z", "xp:0.2")
     elif variant:

@@ -129,12 +129,21 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
             _require(int(s[field]) >= 1, name(field), s[field], "must be an integer >= 1")
         _require(s.patience >= 0, name("patience"), s.patience, "must be >= 0")
         _require(int(s.checkpoint_every) >= 0, name("checkpoint_every"), s.checkpoint_every, "must be >= 0 (0 = never)")
+        _require(int(s.get("monitor_every", 0)) >= 0, name("monitor_every"), s.get("monitor_every", 0),
+                 "must be >= 0 (0 = off)")
         _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
     _require(t.draw_configs in ("first", "random"), "train.draw_configs", t.draw_configs, "must be 'first' or 'random'")
     _require(0.0 <= config.eval.relative_floor < 1.0, "eval.relative_floor", config.eval.relative_floor, "must be in [0, 1)")
     _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
+    g = config.get("diagnostics", None)
+    if g is not None:
+        _require(int(g.holdout) >= 1, "diagnostics.holdout", g.holdout, "must be an integer >= 1")
+        _require(int(g.cond_configs) >= 0, "diagnostics.cond_configs", g.cond_configs, "must be >= 0 (0 = all)")
+        _require(len(g.lambda_values) >= 1 and len(set(g.lambda_values)) == len(g.lambda_values)
+                 and all(math.isfinite(float(v)) and float(v) >= 0 for v in g.lambda_values),
+                 "diagnostics.lambda_values", g.lambda_values, "must be distinct finite numbers >= 0")
     for b in config.sweep.budgets:
         _require(b >= 1, "sweep.budgets", config.sweep.budgets, "must hold positive budgets")
     for loss, sizes in dict(config.sweep.n_configs).items():

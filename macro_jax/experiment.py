@@ -6,7 +6,8 @@ at ``config.train.budget`` and writes, under ``workdir``::
     config.json            the run's config
     data/pool.npz, data/test.npz          trajectories (+ .json metadata, checksums)
     autoencoder/model.eqx  stage-1 weights (+ .json), history.json
-    runs/<run>/members.eqx latent members (+ .json), history.npz, result.json
+    runs/<run>/members.eqx latent members (+ .json), history.npz (with monitor/* curves
+                           when train.monitor_every > 0), result.json
     results.json           one object per loss
     rollout.png            one test trajectory: truth vs each loss
     table.txt              the printed result table
@@ -376,12 +377,16 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         else:
             samples, per_member = _stack(member_samples), True
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
+    monitor, n_diagnostic_forces = None, 0
+    if int(cfg.get("monitor_every", 0) or 0) > 0:
+        monitor, n_diagnostic_forces = _make_monitor(prep, config, nets, stats, holdout_indices(config, n_pool, indices))
     start = time.perf_counter()
     run_dir = os.path.join(workdir, "runs", name)
     resume_path = os.path.join(run_dir, "resume.eqx")
     nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
                                          per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
-                                         resume_path=resume_path, resume_expect={"settings": _settings(config, spec)})
+                                         resume_path=resume_path, resume_expect={"settings": _settings(config, spec)},
+                                         monitor=monitor)
     train_seconds = time.perf_counter() - start
     errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
                                                               prep.test.times, substeps=config.eval.substeps,
@@ -396,6 +401,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "n_configs": n,
         "n_force_computations": int(n_forces),
         "force_seconds": float(force_seconds),
+        # full forces of the held-out configurations of the monitored curves (not in the budget)
+        "diagnostic_force_computations": int(n_diagnostic_forces),
         "label_mode": cfg.label_mode if loss == "xp" else "offline",
         "shared_subsets": bool(cfg.shared_subsets) if loss == "xp" else None,
         "seeds": list(seeds),
@@ -410,7 +417,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
     np.savez(os.path.join(run_dir, "history.npz"), **history)
     write_json(os.path.join(run_dir, "result.json"), result)
-    for path in (resume_path, resume_path + ".json"):  # the run is complete
+    monitor_path = resume_path + ".monitor.npz"
+    for path in (resume_path, resume_path + ".json", monitor_path, monitor_path + ".json"):  # the run is complete
         if os.path.exists(path):
             os.remove(path)
     logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
@@ -428,6 +436,35 @@ def config_indices(config, cfg, n_pool: int, n: int) -> np.ndarray:
     return np.asarray(perm[:n])
 
 
+def holdout_indices(config, n_pool: int, indices) -> np.ndarray:
+    """Pool rows (sorted) of the monitored curves' held-out set: the first
+    ``diagnostics.holdout`` rows of one permutation of the pool (key: experiment
+    seed, 4) that the run does not label. Uniform over the unused rows, and
+    mostly the same rows for every run of an experiment (a run skips only the
+    rows it labels). Not the last rows of the pool: with ``draw_configs``
+    "first" those are the late, near-steady frames of one trajectory (on
+    Predator-Prey their mean |f|^2 is 4.6x below the pool's). Raises
+    ``ConfigError`` if the pool has too few unused rows."""
+    h, n = int(config.diagnostics.holdout), len(indices)
+    if h > n_pool - n:
+        raise ConfigError(f"diagnostics.holdout={h} is invalid: only {n_pool - n} of the {n_pool} pool configurations "
+                          f"are not labelled by the run; lower diagnostics.holdout or train.budget")
+    perm = np.asarray(jr.permutation(jr.fold_in(jr.PRNGKey(config.seed), 4), n_pool))
+    return np.sort(perm[~np.isin(perm, np.asarray(indices))][:h])
+
+
+def _make_monitor(prep: Prepared, config, nets, stats, held):
+    """The monitor of ``train.monitor_every`` and the number of full forces it
+    labelled (``held`` configurations; never counted in the run's budget)."""
+    from macro_jax import diagnostics  # diagnostics drives experiments too
+
+    samples, account = data.label_and_precompute(prep.system, prep.ae, config.autoencoder.jacobian, "x", prep.pool,
+                                                 held, chunk=config.train.precompute_chunk)
+    monitor = diagnostics.make_monitor(eqx.partition(nets, eqx.is_array)[1], stats, samples, prep.ae, prep.test,
+                                       substeps=config.eval.substeps, relative_floor=config.eval.relative_floor)
+    return monitor, account.n_forces
+
+
 def run_name(spec: str, budget: int, tag: str = "") -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``)."""
@@ -436,12 +473,14 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
 
 
 # train fields that change how a run is logged or saved, not its numbers
-_BOOKKEEPING = ("log_every", "checkpoint_every")
+_BOOKKEEPING = ("log_every", "checkpoint_every", "monitor_every")
 
 
 # Fields added after results were saved: at these values they are left out of
 # saved settings, so that older files stay valid.
-_LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None}, "train": {"draw_configs": "first"}}
+# (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
+_LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
+                   "train": {"draw_configs": "first", "monitor_every": 0, "shared_subsets": False}}
 
 
 def _without_later_defaults(section: str, fields: dict) -> dict:

@@ -169,6 +169,7 @@ def train_ensemble(
     log_prefix: str = "",
     resume_path: str | None = None,
     resume_expect: dict | None = None,
+    monitor: Callable | None = None,
 ):
     """Trains a batch of latent nets (leading member axis) in one vmap.
 
@@ -183,6 +184,18 @@ def train_ensemble(
     likewise. Returns the trained nets and a history dict (per epoch, per
     member: loss, grad norm, learning rate). Raises ``FloatingPointError`` on
     a non-finite loss.
+
+    ``monitor(params) -> {name: (members,)}`` (``params``: the nets' array
+    leaves, leading member axis), with ``cfg.monitor_every > 0``, is called
+    outside the jitted epoch on the initial parameters and after every
+    ``monitor_every``-th and the last epoch; the history then also holds
+    ``monitor/epoch`` (epochs completed, (M,)) and ``monitor/<name>`` (M,
+    members). It reads the parameters only, so the trained numbers are those
+    of an unmonitored run. When resuming, the monitored values up to the
+    resume point are read from ``resume_path + ".monitor.npz"`` (written with
+    each checkpoint, also left for the caller to delete); if that file is
+    missing (the interrupted run was not monitored) they are dropped and the
+    curves start at the resume point.
     """
     params, static = eqx.partition(nets, eqx.is_array)
     params = jax.tree_util.tree_map(jnp.copy, params)  # the loop donates its buffers, not the caller's
@@ -208,6 +221,21 @@ def train_ensemble(
         params, opt_state, first = state["params"], state["opt_state"], int(state["epoch"])
         history = {k: list(np.asarray(state["history"][k][:first])) for k in names}
         logging.info("%sresuming at epoch %d/%d from %s", log_prefix, first + 1, cfg.epochs, resume_path)
+    monitor_every = int(cfg.get("monitor_every", 0) or 0) if monitor is not None else 0
+    monitor_path = f"{resume_path}.monitor.npz" if resume_path else None
+    monitored: dict[str, list] = {}
+
+    def record(epochs_done: int) -> None:
+        values = monitor(params)
+        monitored.setdefault("epoch", []).append(epochs_done)
+        for name, v in values.items():
+            monitored.setdefault(name, []).append(np.asarray(v, np.float64))
+
+    if monitor_every:
+        if first == 0:
+            record(0)
+        else:
+            monitored = _load_monitored(monitor_path, first, resume_expect, log_prefix)
     start = time.perf_counter()
     for e in range(first, cfg.epochs):
         params, opt_state, metrics = epoch_v(params, opt_state, samples, stats, keys, e)
@@ -226,14 +254,35 @@ def train_ensemble(
                 "%sepoch %d/%d loss %s lr %.2e (%.1fs)", log_prefix, e + 1, cfg.epochs,
                 np.array2string(loss, precision=3), history["lr"][-1].max(), time.perf_counter() - start,
             )
+        if monitor_every and ((e + 1) % monitor_every == 0 or e + 1 == cfg.epochs):
+            record(e + 1)
         if every and (e + 1) % every == 0 and e + 1 < cfg.epochs:
+            if monitor_every:  # first: a crash between the two files leaves it ahead, never behind
+                checkpoint.save_arrays(monitor_path, {k: np.stack(v) for k, v in monitored.items()},
+                                       resume_expect or {})
             padded = {k: np.concatenate([np.stack(v), np.zeros((cfg.epochs - e - 1, *v[0].shape))])
                       for k, v in history.items()}
             state = {"params": params, "opt_state": opt_state, "epoch": jnp.asarray(e + 1, jnp.int32),
                      "history": {k: jnp.asarray(v, jnp.float64) for k, v in padded.items()}}
             checkpoint.save_model(resume_path, state, resume_expect or {})
     history = {k: np.stack(v) for k, v in history.items()}
+    history.update({f"monitor/{k}": np.stack(v) for k, v in monitored.items()})
     return eqx.combine(params, static), history
+
+
+def _load_monitored(path: str, first: int, expect: dict | None, log_prefix: str) -> dict[str, list]:
+    """Monitored values saved with a checkpoint, up to epoch ``first``; empty
+    (with a warning) if the file is missing or from other settings."""
+    if not os.path.exists(path):
+        logging.warning("%sno monitored history at %s: curves start at epoch %d", log_prefix, path, first)
+        return {}
+    try:
+        arrays, _ = checkpoint.load_arrays(path, expect=expect)
+    except checkpoint.DataFileError as e:
+        logging.warning("%smonitored history dropped (%s)", log_prefix, e)
+        return {}
+    keep = arrays["epoch"] <= first
+    return {k: list(v[keep]) for k, v in arrays.items()}
 
 
 # ---------------------------------------------------------------- autoencoder

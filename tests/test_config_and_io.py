@@ -38,6 +38,10 @@ from macro_jax.models import OnsagerNet
         ("data.pool_keep_above", float("nan"), "data.pool_keep_above"),
         ("train.draw_configs", "last", "train.draw_configs='last' is invalid: must be 'first' or 'random'"),
         ("eval.relative_floor", 1.0, "eval.relative_floor=1.0 is invalid"),
+        ("train.monitor_every", -1, "train.monitor_every=-1 is invalid: must be >= 0"),
+        ("diagnostics.holdout", 0, "diagnostics.holdout=0 is invalid"),
+        ("diagnostics.cond_configs", -5, "diagnostics.cond_configs=-5 is invalid"),
+        ("diagnostics.lambda_values", (0.0, -1e-6), "diagnostics.lambda_values"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, match):

@@ -138,18 +138,23 @@ def test_amsgrad_follows_pytorch():
     assert abs(-lr * float(u)) < 0.5 * abs(expected[-1])
 
 
+def _tiny_ensemble(**cfg_extra):
+    """Two 3-d MLP members, 40 samples of dz/dt = -z, a 5-epoch config checkpointing every 2."""
+    nets = eqx.filter_vmap(lambda k: LatentMLP(3, (8,), "tanh", key=k))(jr.split(jr.PRNGKey(0), 2))
+    zs = jr.normal(jr.PRNGKey(1), (40, 3), jnp.float32)
+    stats = tuple(jnp.broadcast_to(v, (2, 3)) for v in (jnp.zeros(3), jnp.ones(3), jnp.zeros(3), jnp.ones(3)))
+    cfg = ml_collections.ConfigDict(dict(epochs=5, batch_size=16, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, patience=1, plateau_factor=0.5, plateau_rtol=1e-4,
+                                         min_lr=1e-5, log_every=0, checkpoint_every=2, **cfg_extra))
+    return nets, {"z": zs, "jf": -zs}, stats, cfg
+
+
 def test_interrupted_training_resumes_to_the_same_numbers(tmp_path):
     """checkpoint_every saves (params, optimiser, history, epoch); a second call
     continues from the last save and ends exactly where an uninterrupted run ends."""
     from macro_jax import checkpoint
 
-    nets = eqx.filter_vmap(lambda k: LatentMLP(3, (8,), "tanh", key=k))(jr.split(jr.PRNGKey(0), 2))
-    zs = jr.normal(jr.PRNGKey(1), (40, 3), jnp.float32)
-    samples = {"z": zs, "jf": -zs}
-    stats = tuple(jnp.broadcast_to(v, (2, 3)) for v in (jnp.zeros(3), jnp.ones(3), jnp.zeros(3), jnp.ones(3)))
-    cfg = ml_collections.ConfigDict(dict(epochs=5, batch_size=16, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, patience=1, plateau_factor=0.5, plateau_rtol=1e-4,
-                                         min_lr=1e-5, log_every=0, checkpoint_every=2))
+    nets, samples, stats, cfg = _tiny_ensemble()
     keys = jr.split(jr.PRNGKey(2), 2)
     path = str(tmp_path / "resume.eqx")
     kw = dict(cfg=cfg, keys=keys, per_member_data=False, resume_path=path, resume_expect={"run": "t"})
@@ -171,3 +176,32 @@ def _skeleton(nets, cfg):
     optimizer = train.make_dynamics_optimizer(cfg, 3)
     return {"params": params, "opt_state": jax.vmap(optimizer.init)(params), "epoch": jnp.zeros((), jnp.int32),
             "history": {k: jnp.zeros((cfg.epochs, 2), jnp.float64) for k in ("loss", "grad_norm", "lr")}}
+
+
+def test_monitored_history_survives_resume(tmp_path):
+    """A monitored run interrupted after its checkpoint resumes with the curves up
+    to the checkpoint and ends with the same history as an uninterrupted run."""
+    nets, samples, stats, cfg = _tiny_ensemble(monitor_every=2)
+    calls = []
+
+    def monitor(params):  # the squared norm of each member's parameters
+        calls.append(1)
+        return {"norm2": sum(jnp.sum(a.reshape(2, -1) ** 2, 1) for a in jax.tree_util.tree_leaves(params))}
+
+    path = str(tmp_path / "resume.eqx")
+    kw = dict(cfg=cfg, keys=jr.split(jr.PRNGKey(2), 2), per_member_data=False, resume_path=path,
+              resume_expect={"run": "t"}, monitor=monitor)
+    trained, h1 = train.train_ensemble(nets, losses.loss_z, samples, stats, **kw)
+    np.testing.assert_array_equal(h1["monitor/epoch"], [0, 2, 4, 5])
+    assert h1["monitor/norm2"].shape == (4, 2) and len(calls) == 4
+    final = sum(np.sum(np.asarray(a).reshape(2, -1) ** 2, 1) for a in jax.tree_util.tree_leaves(eqx.filter(trained, eqx.is_array)))
+    np.testing.assert_allclose(h1["monitor/norm2"][-1], final, rtol=1e-6)
+    # the files hold the state after epoch 4: a second call replays epoch 5 only, monitoring once
+    _, h2 = train.train_ensemble(nets, losses.loss_z, samples, stats, **kw)
+    assert len(calls) == 5
+    for k in h1:
+        np.testing.assert_array_equal(h1[k], h2[k])
+    # monitoring does not change training
+    _, h3 = train.train_ensemble(nets, losses.loss_z, samples, stats, **dict(kw, resume_path=None, monitor=None))
+    assert not any(k.startswith("monitor/") for k in h3)
+    np.testing.assert_array_equal(h1["loss"], h3["loss"])

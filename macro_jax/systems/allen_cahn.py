@@ -24,12 +24,11 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 from macro_jax.systems import integrators
-from macro_jax.systems.base import MicroSystem, Trajectories
+from macro_jax.systems.base import MicroSystem
 
 
 def interface_width(n_grid: int, interface_cells: float) -> float:
@@ -102,28 +101,9 @@ def make_allen_cahn(
         s = math.sqrt(2.0) * eps
         return (jnp.tanh((r1 - r) / s) - jnp.tanh((r2 - r) / s) - 1.0).ravel()
 
-    def trajectory_fn(
-        key,
-        n_traj: int,
-        *,
-        dt: float = 0.1 / n**2,
-        n_steps: int = 40_000,
-        save_every: int = 100,
-        integrator: str = "rk4",
-        dtype=jnp.float32,
-    ) -> Trajectories:
-        """``n_traj`` trajectories integrated in float64, stored in ``dtype`` every
-        ``save_every`` steps (``n_steps // save_every`` frames from t = 0)."""
-        return integrators.simulate(
-            force_fn,
-            jax.vmap(initial_fn)(jr.split(key, n_traj)),
-            dt=dt,
-            n_steps=n_steps,
-            save_every=save_every,
-            integrator=integrator,
-            dtype=dtype,
-            batch_size=batch_size,
-        )
+    trajectory_fn = integrators.make_trajectory_fn(
+        force_fn, initial_fn, batch_size=batch_size, dt=0.1 / n**2, n_steps=40_000, save_every=100,
+        integrator="rk4", dtype=jnp.float32)
 
     return MicroSystem(
         name="allen_cahn",

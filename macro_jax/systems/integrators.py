@@ -59,3 +59,17 @@ def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_
     xs, forces = jax.lax.map(run, x0, batch_size=batch_size) if batch_size else jax.vmap(run)(x0)
     times = (jnp.arange(n_frames) * (save_every * dt)).astype(dtype)
     return Trajectories(times=times, xs=xs, forces=forces)
+
+
+def make_trajectory_fn(force_fn, initial_fn, *, batch_size=None, **defaults):
+    """A system's ``trajectory_fn(key, n_traj, *, dt, n_steps, save_every,
+    integrator, dtype)``: ``n_traj`` initial states ``initial_fn(key_i)`` (keys
+    split from ``key``) integrated by ``simulate`` in float64 and stored in
+    ``dtype`` every ``save_every`` steps; ``defaults`` fills the keywords a
+    call leaves out."""
+
+    def trajectory_fn(key, n_traj: int, **settings) -> Trajectories:
+        x0 = jax.vmap(initial_fn)(jax.random.split(key, n_traj))
+        return simulate(force_fn, x0, batch_size=batch_size, **{**defaults, **settings})
+
+    return trajectory_fn

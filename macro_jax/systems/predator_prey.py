@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 
 from macro_jax import observables
 from macro_jax.systems import integrators
-from macro_jax.systems.base import MicroSystem, Trajectories
+from macro_jax.systems.base import MicroSystem
 
 
 def _rates(u, v, v_left, v_right, a, b):
@@ -74,27 +73,9 @@ def make_predator_prey(
         wave = a0 * jnp.cos(n_modes * jnp.pi * centres)
         return jnp.concatenate([b0 + wave, (1.0 - b0) - wave])
 
-    def trajectory_fn(
-        key,
-        n_traj: int,
-        *,
-        dt: float = 0.01,
-        n_steps: int = 3000,
-        save_every: int = 10,
-        integrator: str = "euler",
-        dtype=jnp.float32,
-    ) -> Trajectories:
-        """``n_traj`` trajectories integrated in float64 and stored in ``dtype``
-        every ``save_every`` steps (``n_steps // save_every`` frames from t = 0)."""
-        return integrators.simulate(
-            force_fn,
-            jax.vmap(initial_fn)(jr.split(key, n_traj)),
-            dt=dt,
-            n_steps=n_steps,
-            save_every=save_every,
-            integrator=integrator,
-            dtype=dtype,
-        )
+    # Integrated in float64, stored in dtype every save_every steps (n_steps // save_every frames from t = 0).
+    trajectory_fn = integrators.make_trajectory_fn(
+        force_fn, initial_fn, dt=0.01, n_steps=3000, save_every=10, integrator="euler", dtype=jnp.float32)
 
     return MicroSystem(
         name="predator_prey",

@@ -1,0 +1,53 @@
+"""Diagnostics: conditioning and training curves of a finished run, or the lambda_cond sweep.
+
+  # cond(J J^T) over the pool and the spectrum of J for the workdir's autoencoder,
+  # plus the curves of every run with monitored history -> <workdir>/diagnostics/
+  python experiments/diagnostics.py --mode=run --config configs/predator_prey.py:quick \
+      --workdir workdirs/predator_prey_quick
+  # the same, first retraining each run with monitoring into runs/monitored_<run>:
+  python experiments/diagnostics.py --mode=run --config configs/predator_prey.py:quick \
+      --workdir workdirs/predator_prey_quick --config.train.monitor_every=10 --train_monitored
+
+  # test error and cond(J J^T) for each diagnostics.lambda_values (resumable):
+  python experiments/diagnostics.py --mode=lambda_sweep --config configs/predator_prey.py:quick \
+      --workdir workdirs/diag_lambda --out docs/results/lambda_cond.json
+  # (+ lambda_cond.png, .md, and lambda_cond_histograms.png: cond(J J^T) of every autoencoder)
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from macro_jax import diagnostics, experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir (run) or the sweep's (lambda_sweep).")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "lambda_sweep"], "What to diagnose.")
+_OUT = flags.DEFINE_string("out", None, "lambda_sweep: JSON file for the rows; a .png and .md are written beside it.")
+_TRAIN_MONITORED = flags.DEFINE_bool("train_monitored", False,
+                                     "run: first train each run again with train.monitor_every (runs/monitored_*).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    logging.info("config:\n%s", config)
+    if _MODE.value == "lambda_sweep":
+        rows = diagnostics.lambda_sweep(config, _WORKDIR.value)
+        experiment.report(rows, _OUT.value, diagnostics.lambda_table, lambda rs: rs, diagnostics.plot_lambda_sweep)
+        if _OUT.value:
+            path = os.path.splitext(_OUT.value)[0] + "_histograms.png"
+            diagnostics.plot_lambda_histograms(config, _WORKDIR.value, path)
+            print(f"wrote {path}")
+        return
+    summary = diagnostics.run_diagnostics(config, _WORKDIR.value, train_monitored=_TRAIN_MONITORED.value)
+    print(json.dumps(summary["cond"], indent=1))
+    print(f"runs with curves: {sorted(summary['runs']) or 'none (set train.monitor_every)'}")
+    print(f"wrote {_WORKDIR.value}/diagnostics/")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,151 @@
+"""Diagnostics: condition numbers against SVDs and a known answer, monitored
+curves equal to independent evaluations, the lambda_cond sweep resumes."""
+
+import json
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+from configs import predator_prey
+from macro_jax import checkpoint, diagnostics, experiment, train
+from macro_jax.config import ConfigError
+from macro_jax.models import Autoencoder, NormalisedField, make_latent_model
+from macro_jax.systems import make_predator_prey
+
+METHODS = ("generic", "linear_first_layer")
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_condition_numbers_equal_svd_of_jacrev(method):
+    """cond(G) and the spectrum equal numpy's SVD of jax.jacrev(ae.encode), per configuration."""
+    system = make_predator_prey()
+    ae = _f64(Autoencoder(system.n_dof, 2, 2, (8,), "softplus", system.observable_fn, decoder_uses_observables=True,
+                          bias_init="torch", key=jr.PRNGKey(0)))  # float64: both paths see the same J exactly
+    xs = jr.uniform(jr.PRNGKey(1), (7, system.n_dof), jnp.float64, 0.5, 2.0)
+    cond, sv = diagnostics.condition_numbers(ae, xs, method, chunk=3)  # chunks of 3, 3, 1
+    jac = np.asarray(jax.jit(jax.vmap(jax.jacrev(ae.encode)))(xs), np.float64)
+    s = np.linalg.svd(jac, compute_uv=False)  # (7, 4), largest first
+    assert cond.shape == (7,) and sv.shape == (7, 4)
+    np.testing.assert_allclose(sv, s, rtol=1e-6)
+    np.testing.assert_allclose(cond, (s[:, 0] / s[:, -1]) ** 2, rtol=1e-6)
+    assert np.all(cond >= 1.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_orthogonal_rows_have_known_condition_number(method):
+    """Observables (mean u, mean v) have rows of norm^2 1/50; a closure J = W1 whose
+    rows are zero-mean on each half (so orthogonal to them) with norm^2 1/50 and
+    9/50 gives G = diag(1, 1, 1, 9)/50: cond = 1, then 9."""
+    system = make_predator_prey()  # 50 cells: x = (u, v)
+    ae = Autoencoder(system.n_dof, 2, 2, (2,), "relu", system.observable_fn, decoder_uses_observables=True,
+                     bias_init="zeros", key=jr.PRNGKey(0))
+    alt = np.where(np.arange(50) % 2 == 0, 1.0, -1.0) / 50  # zero mean, |alt|^2 = 1/50
+    xs = jr.uniform(jr.PRNGKey(1), (5, system.n_dof), jnp.float32)
+    for scale, expected in ((1.0, 1.0), (3.0, 9.0)):
+        w1 = np.zeros((2, 100), np.float32)
+        w1[0, :50], w1[1, 50:] = alt, scale * alt
+        enc = ae.encoder
+        enc = eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight, m.layers[1].bias), enc,
+                          (jnp.asarray(w1), jnp.full((2,), 2.0, jnp.float32), jnp.eye(2, dtype=jnp.float32),
+                           jnp.zeros((2,), jnp.float32)))  # relu(W1 x + 2) = W1 x + 2 on these x: J = W1
+        cond, sv = diagnostics.condition_numbers(eqx.tree_at(lambda a: a.encoder, ae, enc), xs, method)
+        np.testing.assert_allclose(cond, expected, rtol=1e-5)
+        np.testing.assert_allclose(sv[:, 0], scale / np.sqrt(50), rtol=1e-5)
+        np.testing.assert_allclose(sv[:, 1:], 1 / np.sqrt(50), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smoke_prep(tmp_path_factory):
+    config = predator_prey.get_config("smoke")
+    workdir = str(tmp_path_factory.mktemp("diag_smoke"))
+    return config, workdir, experiment.prepare(config, workdir)
+
+
+def test_monitored_losses_equal_independent_evaluation(smoke_prep):
+    """monitor_every = 1: curves of shape (epochs + 1, members); the last L_z equals
+    |J f - g(z)|^2 on the held-out configurations computed here from the forces and
+    jax.jacrev of the encoder with the saved members; the last test error equals
+    the run's; the trained numbers equal an unmonitored run's."""
+    config, workdir, prep = smoke_prep
+    config = config.copy_and_resolve_references()
+    config.train.monitor_every = 1
+    budget = config.train.budget
+    monitored = experiment.run_loss(prep, config, "z", budget, workdir, tag="mon")
+    history = diagnostics.load_history(os.path.join(workdir, "runs", "mon_z_budget6000", "history.npz"))
+    epochs, members = config.train.epochs, len(config.train.seeds)
+    np.testing.assert_array_equal(history["monitor/epoch"], np.arange(epochs + 1))
+    for name in ("L_z", "L_x", "L_x_residual", "test_error"):
+        assert history[f"monitor/{name}"].shape == (epochs + 1, members)
+        assert np.all(np.isfinite(history[f"monitor/{name}"])) and np.all(history[f"monitor/{name}"] > 0)
+    # L_x = |P f|^2 + residual, |P f|^2 fixed by the held-out data alone
+    pf2 = history["monitor/L_x"] - history["monitor/L_x_residual"]
+    np.testing.assert_allclose(pf2, pf2[0, 0], rtol=1e-4)
+    n_pool, h = prep.pool.shape[0], config.diagnostics.holdout
+    assert monitored["diagnostic_force_computations"] == h * prep.system.n_sites
+    assert monitored["n_force_computations"] == budget  # the held-out forces are not in the budget
+
+    # independent L_z: forces, J by jacrev, rate statistics of the run's configurations
+    system, ae = prep.system, prep.ae
+    jf_of = jax.jit(jax.vmap(lambda x: jax.jacrev(ae.encode)(x) @ system.force_fn(x)))
+    n = budget // system.n_sites
+    jf_train = np.asarray(jf_of(prep.pool[:n]), np.float64)
+    rate_mean, rate_std = jf_train.mean(0), jf_train.std(0, ddof=1)
+    held_idx = experiment.holdout_indices(config, n_pool, np.arange(n))
+    assert held_idx.size == h and held_idx.min() >= n and held_idx.max() < n_pool and len(set(held_idx)) == h
+    assert len(set(held_idx // 100)) > 1  # spread over the trajectories (100 frames each), not one's tail
+    scattered = np.random.default_rng(0).choice(n_pool, 200, replace=False)  # as train.draw_configs = "random"
+    assert not np.intersect1d(experiment.holdout_indices(config, n_pool, scattered), scattered).size
+    held = prep.pool[held_idx]
+    jf_held, z_held = jf_of(held), jax.vmap(ae.encode)(held)
+    skeleton = eqx.filter_vmap(lambda k: make_latent_model(config.model, ae.latent_dim, key=k))(
+        jnp.stack([jr.PRNGKey(s) for s in config.train.seeds]))
+    nets = checkpoint.load_model(os.path.join(workdir, "runs", "mon_z_budget6000", "members.eqx"), skeleton)
+    for m in range(members):
+        net = jax.tree_util.tree_map(lambda a: a[m] if eqx.is_array(a) else a, nets)
+        field = NormalisedField(net, prep.z_mean, prep.z_std, jnp.asarray(rate_mean, jnp.float32),
+                                jnp.asarray(rate_std, jnp.float32))
+        l_z = np.mean(np.sum((np.asarray(jf_held) - np.asarray(jax.vmap(lambda z: field(0.0, z))(z_held))) ** 2, -1))
+        np.testing.assert_allclose(history["monitor/L_z"][-1, m], l_z, rtol=1e-4)
+    np.testing.assert_allclose(history["monitor/test_error"][-1], monitored["test_errors"], rtol=1e-5)
+
+    config.train.monitor_every = 0
+    plain = experiment.run_loss(prep, config, "z", budget, workdir, tag="plain")
+    assert plain["test_errors"] == monitored["test_errors"]
+    assert plain["final_train_loss"] == monitored["final_train_loss"]
+    assert plain["diagnostic_force_computations"] == 0
+
+    # the held-out rows must not be the run's
+    with pytest.raises(ConfigError, match="diagnostics.holdout=350 is invalid: only 340 of the 400"):
+        config.diagnostics.holdout = 350
+        experiment.holdout_indices(config, n_pool, np.arange(n))
+
+
+def test_lambda_sweep_writes_rows_and_resumes(tmp_path, monkeypatch):
+    config = predator_prey.get_config("smoke")
+    config.train.runs = ("z", "xp:0.2")
+    config.train.epochs = 2
+    config.diagnostics.lambda_values = (0.0, 1e-4)
+    rows = diagnostics.lambda_sweep(config, str(tmp_path))
+    assert [(r["lambda_cond"], r["loss"]) for r in rows] == [(0.0, "L_z"), (0.0, "L_x,p"), (1e-4, "L_z"), (1e-4, "L_x,p")]
+    for r in rows:
+        assert {"lambda_cond", "loss", "test_error_mean", "test_error_std", "test_errors", "cond_median", "cond_p90",
+                "cond_max"} <= set(r)
+        assert np.isfinite(r["test_error_mean"]) and len(r["test_errors"]) == len(config.train.seeds)
+        assert 1.0 <= r["cond_median"] <= r["cond_p90"] <= r["cond_max"]
+    assert os.path.isdir(os.path.join(tmp_path, "lambda_0")) and os.path.isdir(os.path.join(tmp_path, "lambda_0.0001"))
+    # a second call trains and computes nothing
+    monkeypatch.setattr(experiment, "prepare", lambda *a: pytest.fail("the second call prepared data"))
+    assert diagnostics.lambda_sweep(config, str(tmp_path)) == rows
+    out = str(tmp_path / "docs" / "lambda_cond.json")
+    experiment.report(rows, out, diagnostics.lambda_table, lambda rs: rs, diagnostics.plot_lambda_sweep)
+    assert json.load(open(out)) == rows
+    assert os.path.getsize(out[:-5] + ".png") > 0 and "| 0.0001 | L_x,p p=0.2 |" in open(out[:-5] + ".md").read()
