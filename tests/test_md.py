@@ -171,3 +171,8 @@ def test_system_trajectory_fn_runs_the_protocol():
     traj = calc.system.trajectory_fn(jr.PRNGKey(6), 2, dt=0.001, n_steps=6, save_every=2, dtype=jnp.float32)
     assert traj.xs.shape == traj.forces.shape == (2, 3, 6 * N_ATOMS) and traj.xs.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(traj.times), [0.0, 0.002, 0.004], rtol=1e-6)
+    x0 = np.asarray(traj.xs[:, 0, : 3 * N_ATOMS])
+    np.testing.assert_array_equal(x0[0], x0[1])  # the reference protocol: one initial configuration
+    independent = make_particle_calculator(N_ATOMS, BOX, pair_fn=LJ, same_initial=False)
+    y0 = np.asarray(independent.system.trajectory_fn(jr.PRNGKey(6), 2, n_steps=2, save_every=2).xs[:, 0, : 3 * N_ATOMS])
+    assert np.abs(y0[0] - y0[1]).max() > 0.1  # one insertion and minimisation per run

@@ -205,6 +205,7 @@ def make_particle_calculator(
     temperature_scale: float = 1.0,
     T0_range: tuple[float, float] = (0.5, 1.5),
     md_batch_size: int = 16,
+    same_initial: bool = True,
 ) -> ParticleCalculator:
     """Builds the calculator (see module doc).
 
@@ -230,6 +231,10 @@ def make_particle_calculator(
       T0_range: initial temperatures of ``trajectory_fn``'s runs, U(T0_range).
       md_batch_size: MD runs per ``md.make_nve`` call of ``trajectory_fn`` (they
         share one neighbour-list capacity and run one after another).
+      same_initial: ``trajectory_fn``'s protocol. True (the reference): every
+        run of one call starts from one minimised configuration and one
+        velocity draw, only T0 differs. False: each run inserts, minimises and
+        draws its own (independent runs).
     """
     n = int(n_atoms)
     box_size = float(box_size)
@@ -398,14 +403,14 @@ def make_particle_calculator(
 
     def trajectory_fn(key, n_traj: int, *, dt: float = 0.001, n_steps: int = 250, save_every: int = 1,
                       integrator: str = "velocity_verlet", dtype=jnp.float32):
-        """``n_traj`` NVE runs of the reference protocol (``md.make_lj_dataset``,
-        ``same_initial=True``, T0 ~ U(T0_range)): ``xs`` and ``forces`` (n_traj,
-        n_steps // save_every, 6n) in ``dtype``, positions unwrapped."""
+        """``n_traj`` NVE runs (``md.make_lj_dataset`` with ``same_initial``,
+        T0 ~ U(T0_range)): ``xs`` and ``forces`` (n_traj, n_steps // save_every,
+        6n) in ``dtype``, positions unwrapped."""
         if integrator != "velocity_verlet":
             raise ValueError(f"data.*_integrator={integrator!r}: particle MD uses 'velocity_verlet'")
         from macro_jax.systems import md  # md imports this module
 
-        return md.make_lj_dataset(calculator, key, n_traj, tuple(T0_range), same_initial=True, dt=dt,
+        return md.make_lj_dataset(calculator, key, n_traj, tuple(T0_range), same_initial=same_initial, dt=dt,
                                   n_steps=n_steps, save_every=save_every, dtype=dtype,
                                   batch_size=md_batch_size).trajectories
 
