@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from macro_jax import checkpoint, jacobian, losses, train
+from macro_jax import checkpoint, jacobian, losses, plotting, train
 from macro_jax import eval as evaluation
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run
@@ -162,15 +162,6 @@ def monitored_names(history: Mapping[str, np.ndarray]) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _band(ax, x, values, label, **kw):
     """Mean over members (columns) with a min-max band."""
     values = np.asarray(values, np.float64).reshape(len(x), -1)
@@ -185,7 +176,7 @@ def plot_curves(history, path: str, title: str = "") -> None:
     the test rollout error (right) vs epoch, log y, mean and min-max band over
     the members. ``history``: one run's history, or ``{run name: history}``
     for one row per run (shared y axes per column)."""
-    plt = _pyplot()
+    plt = plotting.pyplot()
     runs = {"": history} if "loss" in history else dict(history)
     fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.8 * len(runs)), squeeze=False, sharey="col")
     for (name, h), (ax, ax_err) in zip(runs.items(), axes):
@@ -217,7 +208,7 @@ def plot_condition_numbers(conds: Mapping[str, np.ndarray], path: str,
     """Histogram of log10 cond(J J^T) for each labelled sample (left) and, with
     ``singular_values`` (n, d) per label, the spectrum of J: median and 5-95%
     band of each singular value (right)."""
-    plt = _pyplot()
+    plt = plotting.pyplot()
     ncols = 2 if singular_values else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
     ax = axes[0][0]
@@ -262,7 +253,7 @@ def plot_lambda_sweep(rows: list[dict], path: str) -> None:
     """Test error (mean ± std over seeds) vs lambda_cond for each loss (left)
     and median and 90th percentile of cond(J J^T) vs lambda_cond (right); log
     axes, lambda_cond = 0 at the marked position left of the break."""
-    plt = _pyplot()
+    plt = plotting.pyplot()
     pos, ticks, labels = _lambda_positions([r["lambda_cond"] for r in rows])
     fig, (ax, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
     for i, label in enumerate(dict.fromkeys(_label(r) for r in rows)):

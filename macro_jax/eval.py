@@ -67,8 +67,8 @@ def evaluate_ensemble(nets, stats, ae, x0s, true_obs, times, *, substeps: int = 
 
     ``nets`` and the normalisation ``stats`` carry a leading member axis.
 
-    Returns ``(errors, pred_obs, true_obs)`` with errors (members, n_traj) and
-    pred_obs (members, n_traj, T, d_obs).
+    Returns ``(errors, pred_obs)`` with errors (members, n_traj) and pred_obs
+    (members, n_traj, T, d_obs).
     """
     params, static = eqx.partition(nets, eqx.is_array)
     z0s = jax.jit(jax.vmap(ae.encode))(x0s)
@@ -76,4 +76,4 @@ def evaluate_ensemble(nets, stats, ae, x0s, true_obs, times, *, substeps: int = 
     member = make_member_rollout(static, z0s, dt, true_obs.shape[1] - 1, substeps)
     zs = jax.jit(jax.vmap(member))(params, stats)
     pred_obs = zs[..., : ae.n_observables]
-    return trajectory_errors(pred_obs, true_obs[None], relative_floor), pred_obs, true_obs
+    return trajectory_errors(pred_obs, true_obs[None], relative_floor), pred_obs

@@ -30,7 +30,7 @@ import jax.random as jr
 import numpy as np
 from absl import logging
 
-from macro_jax import checkpoint, data, eval as evaluation, losses, train
+from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, train
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run, run_settings, subset_size, validate
 from macro_jax.models import Autoencoder, make_latent_model
@@ -99,17 +99,15 @@ def _kept(config, system, xs) -> np.ndarray:
     return flat[_observables(system, xs)[..., 0].reshape(-1) > float(config.data.pool_keep_above)]
 
 
-def _save_test(path, spec, times, xs, system, seconds) -> TestSet:
-    test = TestSet(jnp.asarray(times), jnp.asarray(xs[:, 0]), jnp.asarray(_observables(system, xs)))
-    checkpoint.save_arrays(path, test._asdict(), {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
-    return test
+def _test_set(system, times, xs) -> TestSet:
+    """What is kept of test trajectories (n, T, N): first frames and observables."""
+    return TestSet(jnp.asarray(times), jnp.asarray(xs[:, 0]), jnp.asarray(_observables(system, xs)))
 
 
 def _load_test(path, spec, system) -> TestSet:
     arrays, _ = checkpoint.load_arrays(path, expect={"spec": spec})
     if "xs" in arrays:  # written before test sets were stored as (x0, observables)
-        xs = arrays["xs"]
-        return TestSet(jnp.asarray(arrays["times"]), jnp.asarray(xs[:, 0]), jnp.asarray(_observables(system, xs)))
+        return _test_set(system, arrays["times"], arrays["xs"])
     return TestSet(*(jnp.asarray(arrays[k]) for k in TestSet._fields))
 
 
@@ -181,11 +179,16 @@ def _block_pool(config, system, key, spec, directory) -> pool_lib.BlockPool:
 
     check = lambda path, b: checkpoint.load_npy(path, expect={"spec": spec, "block": b}, mmap=True)
     paths = _claimed_blocks(system, key, spec, block, directory, "npy", write, check)
-    seconds = sum(json.load(open(path + ".json"))["seconds"] for path in paths)
+    seconds = sum(_sidecar(path)["seconds"] for path in paths)
     rows = [int(np.load(path, mmap_mode="r").shape[0]) for path in paths]
     checkpoint.save_arrays(manifest, {"rows": np.asarray(rows)},
                            {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
     return pool_lib.BlockPool(directory, expect={"spec": spec})
+
+
+def _sidecar(path: str) -> dict:
+    with open(path + ".json") as f:
+        return json.load(f)
 
 
 def _block_test(config, system, key, spec, directory) -> tuple[TestSet, float]:
@@ -193,7 +196,7 @@ def _block_test(config, system, key, spec, directory) -> tuple[TestSet, float]:
 
     def write(path, b, traj, seconds):
         logging.info("test block %d: %d trajectories, %.1fs", b, traj.xs.shape[0], seconds)
-        checkpoint.save_arrays(path, {"times": traj.times, "x0": traj.xs[:, 0], "obs": _observables(system, traj.xs)},
+        checkpoint.save_arrays(path, _test_set(system, traj.times, traj.xs)._asdict(),
                                {"spec": spec, "block": b, "seconds": seconds})
 
     check = lambda path, b: checkpoint.load_arrays(path, expect={"spec": spec, "block": b})
@@ -252,7 +255,9 @@ def _trajectories(config, system, workdir):
         pool = jnp.asarray(kept)
     if test is None:
         traj, seconds = made["test"]
-        test = _save_test(paths["test"], specs["test"], traj.times, traj.xs, system, seconds)
+        test = _test_set(system, traj.times, traj.xs)
+        checkpoint.save_arrays(paths["test"], test._asdict(),
+                               {"spec": specs["test"], "seconds": seconds, "versions": checkpoint.versions()})
     return pool, test
 
 
@@ -285,17 +290,21 @@ def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     return ae
 
 
-def generate_data(config, workdir):
-    """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
+def _checked_system(config) -> MicroSystem:
+    """The config's system, after checking the config against it."""
     system = make_system(config.system)
     validate(config, system.n_observables, system.integrators)
-    return _trajectories(config, system, workdir)
+    return system
+
+
+def generate_data(config, workdir):
+    """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
+    return _trajectories(config, _checked_system(config), workdir)
 
 
 def prepare(config, workdir) -> Prepared:
     """Builds the system, loads or makes the trajectories, loads or trains the AE."""
-    system = make_system(config.system)
-    validate(config, system.n_observables, system.integrators)
+    system = _checked_system(config)
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     pool, test = _trajectories(config, system, workdir)
@@ -388,7 +397,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
                                          resume_path=resume_path, resume_expect={"settings": _settings(config, spec)},
                                          monitor=monitor)
     train_seconds = time.perf_counter() - start
-    errors, pred_obs, true_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
+    errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
                                                               prep.test.times, substeps=config.eval.substeps,
                                                               relative_floor=config.eval.relative_floor)
     member_errors = np.asarray(jnp.mean(errors, axis=1), dtype=np.float64)
@@ -422,7 +431,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         if os.path.exists(path):
             os.remove(path)
     logging.info("%s: test error %.3e +- %.2e", name, result["test_error_mean"], result["test_error_std"])
-    result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(true_obs)
+    result["_pred_obs"], result["_true_obs"] = np.asarray(pred_obs), np.asarray(prep.test.obs)
     return result
 
 
@@ -569,10 +578,7 @@ def seed_rows(results: list[dict]) -> list[dict]:
 
 
 def plot_rollout(results: list[dict], times, path: str, trajectory: int, observable_names) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     true_obs = results[0]["_true_obs"][trajectory]
     n_obs = true_obs.shape[-1]

@@ -2,7 +2,8 @@
 
 A ``BlockPool`` is a directory of blocks ``block_00000.npy`` ... (each the
 kept frames of one block of trajectories, with a JSON sidecar holding its
-metadata and SHA-256) plus ``manifest.json`` once every block is written.
+metadata and SHA-256) plus ``manifest.npz`` (rows per block) once every
+block is written.
 Blocks are written as they are simulated, so an interrupted generation
 resumes at the first missing block. Reading never loads the whole pool:
 ``take(indices)`` gathers rows, ``chunks`` streams them.

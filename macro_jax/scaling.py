@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from macro_jax import sweep
+from macro_jax import plotting, sweep
 
 # The paper's Fig. 4 points (atom forces to reach 3e-3), measured against the
 # last ensemble member's rollout instead of the truth (method.md section 5).
@@ -53,10 +53,7 @@ def _ref_ratio(n: int) -> str:
 
 
 def plot(rows_: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for loss, color in (("L_z", "C0"), ("L_x,p", "C1")):

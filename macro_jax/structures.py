@@ -12,7 +12,7 @@ import copy
 
 import numpy as np
 
-from macro_jax import experiment
+from macro_jax import experiment, plotting
 
 # Per-member test errors of the authors' LJ-800 ensembles (structures.txt),
 # keyed by model and loss name; means: MLP 2.60e-2 / 1.34e-3, OnsagerNet
@@ -86,10 +86,7 @@ def table(results: list[dict]) -> str:
 
 def boxplot(results: list[dict], path: str) -> None:
     """Per-member errors, ours next to the reference's, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     data, labels, colors = [], [], []
     for r in results:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from macro_jax import experiment
+from macro_jax import experiment, plotting
 from macro_jax.config import parse_run, subset_size
 from macro_jax.systems import make_system
 
@@ -125,10 +125,7 @@ def table(results: list[dict], system: str) -> str:
 
 
 def plot(results: list[dict], system: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     ref = REFERENCE.get(system, {})
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
