@@ -7,8 +7,9 @@ fresh jittered-lattice configuration per size. For N = 800 ... 51,200 atoms:
                    from scratch inside jit (what ``data.label_full`` pays).
   * full_existing: every force from a list already built for the
                    configuration, at the same capacity (MD with a fresh list).
-  * subset_50:     ``system.subset_force_fn`` on 50 atoms (cell list, no
-                   neighbour list, no other atom's force).
+  * subset_50:     ``system.subset_force_fn`` on 50 atoms (atoms sorted by
+                   cell, runs of cells per chosen atom; no neighbour list, no
+                   other atom's force).
   * subset_1_16:   the same on N / 16 atoms.
   * lammps_full_label (optional): LAMMPS ``run 0`` on the same configuration
     (neighbour build + all forces); skipped if ``import lammps`` fails.
@@ -111,7 +112,8 @@ def _size_rows(n_atoms, density, dtype, repeats, with_lammps):
     x = lattice_state(jr.PRNGKey(n_atoms), n_atoms, box_size, dtype=dtype)
     info = {"n_atoms": n_atoms, "box_size": box_size, "density": density, "dtype": jnp.dtype(dtype).name,
             "neighbor_capacity": calc.neighbor_capacity, "cells_per_side": calc.cells_per_side,
-            "cell_capacity": calc.cell_capacity, "subset_uses_cells": calc.subset_uses_cells}
+            "x_cells": calc.x_cells, "range_capacity": calc.range_capacity, "cell_capacity": calc.cell_capacity,
+            "subset_uses_cells": calc.subset_uses_cells}
     rows = []
 
     full, compile_s, median, times = _timed_row(system.force_fn, (x,), repeats)

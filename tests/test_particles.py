@@ -188,17 +188,17 @@ def test_neighbor_list_overflow_is_reallocated_or_raises():
         jax.block_until_ready(jax.jit(calc.system.force_fn)(compressed))
 
 
-def test_subset_cell_list_overflow_raises():
+def test_subset_kernel_overflow_raises():
     calc = calculator(500, 0.8, "morse", 1.6)
     n = 500
     x = lattice_state(jr.PRNGKey(6), n, calc.box_size, dtype=jnp.float64)
     compressed = x.at[: 3 * n].multiply(0.4)
     sites = jnp.asarray([0, 1, 2], jnp.int32)
-    with pytest.raises(Exception, match="cell_capacity"):
+    with pytest.raises(Exception, match="range_capacity"):
         jax.block_until_ready(jax.jit(calc.system.subset_force_fn)(compressed, sites))
     # an explicitly tiny capacity overflows on the ordinary configuration too
-    tight = make_particle_calculator(n, calc.box_size, pair_fn=MORSE, cutoff=1.6, cell_capacity=2)
-    with pytest.raises(Exception, match="cell_capacity=2"):
+    tight = make_particle_calculator(n, calc.box_size, pair_fn=MORSE, cutoff=1.6, range_capacity=2)
+    with pytest.raises(Exception, match="range_capacity=2"):
         jax.block_until_ready(tight.system.subset_force_fn(x, sites))
 
 
@@ -239,12 +239,12 @@ def _largest_intermediate(jaxpr):
 def test_subset_kernel_does_no_pair_work_for_other_atoms():
     """Structure, not timing: with k = 3 chosen atoms no intermediate of the subset
     kernel is as large as a per-atom pair array over all atoms (n x neighbours); the
-    largest are the O(n) binning arrays and the k x 27 x cell_capacity candidates."""
+    largest are the O(n) binning arrays and the k x 9 x range_capacity candidates."""
     calc = calculator(500, 0.8, "morse", 1.6)
     n, k = 500, 3
     x = lattice_state(jr.PRNGKey(7), n, calc.box_size, dtype=jnp.float32)
     sites = jnp.asarray([0, 1, 2], jnp.int32)
     sub = _largest_intermediate(jax.make_jaxpr(calc.system.subset_force_fn)(x, sites).jaxpr)
     full = _largest_intermediate(jax.make_jaxpr(calc.system.force_fn)(x).jaxpr)
-    bound = max(6 * n, 125 * calc.cell_capacity, k * 27 * calc.cell_capacity * 3)
+    bound = max(6 * n, calc.cells_per_side**2 * calc.x_cells + 1, k * 9 * calc.range_capacity * 3)
     assert sub <= bound < n * calc.neighbor_capacity <= full

@@ -14,8 +14,8 @@ Distances use the minimum image, which is exact only if ``box_size >= 2
 cutoff``; smaller boxes are rejected. Positions may be unwrapped: they are
 wrapped into [0, box_size) before binning and distances use the minimum image.
 
-Two force paths, one pair kernel (``_atom_force``: ``F_i = -d/dR_i`` of the
-energy of the pairs that contain atom i, which is ``-dE/dR_i`` of the total):
+Two force paths, one pair kernel (``_make_pair_kernel``: ``F_i = -d/dR_i`` of
+the energy of the pairs that contain atom i, which is ``-dE/dR_i`` of the total):
 
 * Full forces read a Dense jax-md neighbour list (a row of neighbours per
   atom). ``ParticleCalculator`` exposes the usual discipline: ``allocate``
@@ -24,14 +24,20 @@ energy of the pairs that contain atom i, which is ``-dE/dR_i`` of the total):
   driver that reallocates on overflow. ``MicroSystem.force_fn(x)`` must be a
   pure function of ``x``: it rebuilds a list of fixed capacity (estimated
   from the density, see ``_capacity``) and raises on overflow.
-* Subset forces bin all atoms into a cell list (cells of side >= cutoff,
-  fixed per-cell capacity; one sort of N cell ids, no pair work) and, for each
-  of the k chosen atoms only, gather the 27 x capacity candidates of its
-  neighbouring cells. Pair work is O(k x 27 x cell_capacity); no neighbour
-  list is built and no other atom's force is evaluated. Boxes with fewer than
-  3 cells per side, or so small that 27 x cell_capacity >= N, use all N atoms
-  as candidates of each chosen atom instead (O(k N) pair work, no binning,
-  still only the chosen atoms' forces).
+* Subset forces sort all atoms once by cell (one sort of N int32 keys, no
+  pair work). Cells are ``m x m`` rows across y and z (side >= cutoff) cut
+  along x into ``m_x`` slabs of side >= cutoff / X_DIVISIONS, numbered x
+  fastest, so the atoms of a run of neighbouring x-cells of one row are
+  contiguous in the sorted order. For each of the k chosen atoms only, the
+  candidates are the 9 neighbouring rows' runs of ``2 X_DIVISIONS + 1``
+  x-cells around it (a run that wraps the box is two pieces), padded to
+  ``range_capacity``. Pair work is O(k x 9 x range_capacity); no neighbour
+  list is built and no other atom's force is evaluated. The thin x-cells
+  search ~30% less volume than the 27 cells of side >= cutoff around an atom
+  and a run pads once, not per cell. Boxes with fewer than 3 rows per side or
+  ``2 X_DIVISIONS + 1`` x-cells, or so small that 9 x range_capacity >= N,
+  use all N atoms as candidates of each chosen atom instead (O(k N) pair work,
+  no binning, still only the chosen atoms' forces).
 
 Overflow is never silent. Inside jit, a capacity overflow raises through a
 host callback (a ``RuntimeError`` eagerly, a ``JaxRuntimeError`` carrying the
@@ -65,6 +71,11 @@ PAIR_FNS = {"lennard_jones": energy.lennard_jones, "morse": energy.morse, "soft_
 # force cut-off, so a pair at r ~ cutoff that rounding puts on the other side in
 # one code path is still a candidate in the other; the force mask decides.
 LIST_SLACK = 1e-5
+
+# The subset kernel's x-cells have side >= cutoff / X_DIVISIONS. On the 2-core CPU
+# (51,200 atoms, 3,200 chosen, benchmarks/partial_forces.py) 1, 2 and 3 divisions
+# took 31, 29 and 25 ms; at 3 the runs average 34 atoms, and finer cells pad more.
+X_DIVISIONS = 3
 
 
 def resolve_pair_fn(pair_fn: PairFn | str | None, pair_params: dict | None = None) -> PairFn:
@@ -124,25 +135,47 @@ def wrap_positions(positions, box_size):
     return jnp.where(wrapped >= box_size, wrapped - box_size, wrapped)
 
 
-def _make_atom_force(displacement_fn, pair_fn: PairFn, cutoff: float):
-    """``atom_force(r_i, r_cand, valid) -> F_i`` (3,): minus the gradient in
-    ``r_i`` of ``sum_j u(|r_i - r_j|)`` over candidates ``r_cand`` (M, 3) with
-    ``valid`` (M,) and minimum-image distance below ``cutoff``."""
+def _make_pair_kernel(pair_fn: PairFn, cutoff: float, box_size: float):
+    """``(atom_forces, atom_energies)`` over padded candidate lists.
+
+    Both take the chosen atoms' positions ``r`` (k, 3), their candidates'
+    coordinates ``cand`` (3, k, M) (structure of arrays: one (k, M) plane per
+    axis) and ``valid`` (k, M). ``atom_energies`` is ``sum_j u(|r_i - r_j|)``
+    over valid candidates within ``cutoff`` (k,); ``atom_forces`` is minus its
+    gradient in ``r_i`` (k, 3), which is ``-dE/dR_i`` of the total energy.
+
+    The minimum image is ``d - L round(d / L)`` per axis: exact for |d| < L / 2
+    (jax-md's ``space.periodic`` rounds through ``mod(d + L/2, L)``, which costs
+    ~1e-6 relative in float32). The (3, k, M) layout matters on CPU: the same
+    arithmetic on (k, M, 3) arrays ran 3x slower (XLA CPU, 2 cores,
+    k = 3,200, M = 918).
+    """
     cutoff_sq = cutoff * cutoff
 
-    def local_energy(r_i, r_cand, valid):
-        dr = jax.vmap(displacement_fn, (None, 0))(r_i, r_cand)
-        dr_sq = jnp.sum(dr * dr, axis=-1)
+    def total_energy(r, cand, valid):
+        d = [r[:, a, None] - cand[a] for a in range(3)]
+        d = [v - box_size * jnp.round(v / box_size) for v in d]
+        dr_sq = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
         inside = valid & (dr_sq < cutoff_sq)
         # Masked pairs (padding, self, beyond the cut-off) are evaluated at r = cutoff,
         # where u is finite, so that neither u nor its gradient produces NaN there.
-        r = jnp.sqrt(jnp.where(inside, dr_sq, cutoff_sq))
-        return jnp.sum(jnp.where(inside, pair_fn(r), 0.0))
+        dist = jnp.sqrt(jnp.where(inside, dr_sq, cutoff_sq))
+        return jnp.where(inside, pair_fn(dist), 0.0)
 
-    def atom_force(r_i, r_cand, valid):
-        return -jax.grad(local_energy)(r_i, r_cand, valid)
+    def atom_energies(r, cand, valid):
+        return jnp.sum(total_energy(r, cand, valid), axis=1)
 
-    return atom_force, local_energy
+    def atom_forces(r, cand, valid):
+        # Row i of the sum depends on r_i only (candidates are held fixed), so the
+        # gradient of the total is every atom's own gradient at once.
+        return -jax.grad(lambda r: jnp.sum(total_energy(r, cand, valid)))(r)
+
+    return atom_forces, atom_energies
+
+
+def _candidates(positions, idx):
+    """Coordinates (3, *idx.shape) of atoms ``idx`` (padding ``n`` reads atom n - 1; mask it)."""
+    return positions.T[:, jnp.minimum(idx, positions.shape[0] - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +209,10 @@ class ParticleCalculator:
     cutoff: float
     mass: float
     neighbor_capacity: int  # neighbours per atom in force_fn's list
-    cells_per_side: int  # of the subset kernel's cell grid
-    cell_capacity: int  # atoms per cell of the subset kernel's cell list
+    cells_per_side: int  # rows per side (y and z) of the subset kernel's grid
+    x_cells: int  # x-cells per row of the subset kernel's grid
+    range_capacity: int  # candidates per row (a run of 2 X_DIVISIONS + 1 x-cells) of the subset kernel
+    cell_capacity: int  # atoms per cell of the cell list jax-md builds force_fn's list with
     displacement_fn: Callable
     neighbor_fn: partition.NeighborListFns
     allocate: Callable
@@ -201,6 +236,7 @@ def make_particle_calculator(
     capacity_multiplier: float = 1.25,
     neighbor_capacity: int | None = None,
     cell_capacity: int | None = None,
+    range_capacity: int | None = None,
     pair_params: dict | None = None,
     temperature_scale: float = 1.0,
     T0_range: tuple[float, float] = (0.5, 1.5),
@@ -219,13 +255,16 @@ def make_particle_calculator(
       cutoff: energy is ``u(r)`` for r < cutoff and 0 beyond (no shift).
       mass: atom mass; rates of velocities are F / mass.
       capacity_multiplier: headroom on estimated capacities: of the fixed
-        neighbour list behind ``force_fn``, of the subset cell list, and (as in
-        jax-md) of lists built by ``allocate``.
+        neighbour list behind ``force_fn``, of the subset kernel's runs, and
+        (as in jax-md) of lists built by ``allocate``.
       neighbor_capacity: neighbours per atom of ``force_fn``'s list. Default
         ``_capacity(rho 4/3 pi cutoff^3, capacity_multiplier)``.
-      cell_capacity: atoms per cell of the subset cell list (and of the cell
-        list jax-md builds ``force_fn``'s list with). Default
-        ``_capacity(n / cells, capacity_multiplier)``.
+      cell_capacity: atoms per cell of the cell list jax-md builds
+        ``force_fn``'s list with. Default ``_capacity(n / cells,
+        capacity_multiplier)``.
+      range_capacity: candidates per row of the subset kernel (atoms in a run
+        of ``2 X_DIVISIONS + 1`` x-cells). Default ``_capacity(mean,
+        capacity_multiplier)``.
       temperature_scale: the observable is ``temperature_scale * T`` (the
         reference stores 20 T; the scale weighs the T row in ``L_z``).
       T0_range: initial temperatures of ``trajectory_fn``'s runs, U(T0_range).
@@ -250,21 +289,28 @@ def make_particle_calculator(
     density = n / box_size**3
     list_cutoff = cutoff * (1.0 + LIST_SLACK)
 
-    displacement_fn, _ = space.periodic(box_size)
-    atom_force, local_energy = _make_atom_force(displacement_fn, pair_fn, cutoff)
+    displacement_fn, _ = space.periodic(box_size)  # for jax-md's neighbour lists
+    atom_forces, atom_energies = _make_pair_kernel(pair_fn, cutoff, box_size)
 
-    # Cells of side L / m >= list_cutoff: every neighbour of an atom lies in the 27 cells around it.
+    # jax-md's cells (full path) and the subset kernel's rows have side L / m >= list_cutoff.
     m = int(box_size // list_cutoff)
-    n_cells = m**3
     if cell_capacity is None:
-        cell_capacity = min(n, _capacity(n / n_cells, capacity_multiplier))
+        cell_capacity = min(n, _capacity(n / m**3, capacity_multiplier))
+    # The subset kernel's x-cells: side L / m_x >= list_cutoff / X_DIVISIONS, so every
+    # neighbour of an atom in x-cell i lies in x-cells i - X_DIVISIONS .. i + X_DIVISIONS.
+    m_x = int(box_size // (list_cutoff / X_DIVISIONS))
+    n_cells = m * m * m_x
+    run = 2 * X_DIVISIONS + 1
+    if range_capacity is None:
+        range_capacity = min(n, _capacity(n * run / (m * m * m_x), capacity_multiplier))
+    range_capacity = int(range_capacity)
     if neighbor_capacity is None:
         neighbor_capacity = _capacity(density * 4.0 / 3.0 * math.pi * list_cutoff**3, capacity_multiplier)
     neighbor_capacity = min(int(neighbor_capacity), n - 1)
     cell_capacity = int(cell_capacity)
-    # 27 distinct neighbour cells need m >= 3; and a cell gather only pays once its
-    # 27 x capacity candidates are fewer than all n atoms.
-    subset_uses_cells = m >= 3 and 27 * cell_capacity < n
+    # 9 distinct rows need m >= 3, a run of distinct x-cells m_x >= run; and the runs
+    # only pay once their 9 x capacity candidates are fewer than all n atoms.
+    subset_uses_cells = m >= 3 and m_x >= run and 9 * range_capacity < n
 
     # --- full forces: jax-md Dense neighbour list -----------------------------------------
     # dr_threshold = 0: jax-md rebuilds the list on every update (no skin, no reuse test);
@@ -291,15 +337,12 @@ def make_particle_calculator(
 
     def neighbor_forces(x, nbrs):
         positions = wrap_positions(_positions(x, n), box_size)
-        valid = nbrs.idx < n
-        cand = positions[jnp.minimum(nbrs.idx, n - 1)]
-        return jax.vmap(atom_force)(positions, cand, valid)
+        return atom_forces(positions, _candidates(positions, nbrs.idx), nbrs.idx < n)
 
     def potential_energy(x, nbrs):
         positions = wrap_positions(_positions(x, n), box_size)
-        valid = nbrs.idx < n
-        cand = positions[jnp.minimum(nbrs.idx, n - 1)]
-        return 0.5 * jnp.sum(jax.vmap(local_energy)(positions, cand, valid))  # each pair seen twice
+        energies = atom_energies(positions, _candidates(positions, nbrs.idx), nbrs.idx < n)
+        return 0.5 * jnp.sum(energies)  # each pair seen twice
 
     def update_and_forces(x, nbrs):
         nbrs = neighbor_fn.update(wrap_positions(_positions(x, n), box_size), nbrs)
@@ -338,53 +381,75 @@ def make_particle_calculator(
         raise_if(overflow, nbr_overflow_msg)
         return jnp.where(overflow, jnp.nan, rates(x, forces))
 
-    # --- subset forces: cell list, only the chosen atoms' pairs -----------------------------
-    shifts = jnp.asarray(np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(27, 3), jnp.int32)
-    cell_overflow_msg = (
-        f"particles: subset cell list overflow (n_atoms={n}, {m}^3 cells): a cell holds more than "
-        f"cell_capacity={cell_capacity} atoms. Raise system.capacity_multiplier (now "
-        f"{capacity_multiplier:g}) or system.cell_capacity. Forces of this call are NaN."
+    # --- subset forces: runs of sorted cells, only the chosen atoms' pairs ---------------
+    rows = jnp.asarray(np.stack(np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), indexing="ij"), -1).reshape(9, 2),
+                       jnp.int32)
+    slots = jnp.arange(range_capacity, dtype=jnp.int32)
+    range_overflow_msg = (
+        f"particles: subset kernel overflow (n_atoms={n}, {m} x {m} rows of {m_x} x-cells): a run of "
+        f"{run} x-cells holds more than range_capacity={range_capacity} atoms. Raise "
+        f"system.capacity_multiplier (now {capacity_multiplier:g}) or system.range_capacity. Forces of "
+        "this call are NaN."
     )
-
     sort_one_key = n_cells * n < 2**31  # cell * n + atom fits in int32
 
     def bin_atoms(positions):
-        """Cell table (n_cells, cell_capacity) of atom ids (padding n), cell coordinates
-        (n, 3) and the overflow flag. One sort of n keys; no pair work."""
-        side = box_size / m
-        ijk = jnp.clip(jnp.floor(positions / side).astype(jnp.int32), 0, m - 1)
-        cell = (ijk[:, 0] * m + ijk[:, 1]) * m + ijk[:, 2]
+        """Atoms sorted by cell: ``order`` (n,) atom ids, ``rank`` (n,) each atom's place
+        in it, ``first`` (n_cells + 1,) index of each cell's first atom in the sorted
+        order (``first[c + 1] - first[c]`` atoms in cell c), and the cell coordinates
+        (n, 3) as (x-cell, row y, row z). One sort of n keys; no pair work."""
+        ix = jnp.clip(jnp.floor(positions[:, 0] * (m_x / box_size)).astype(jnp.int32), 0, m_x - 1)
+        iyz = jnp.clip(jnp.floor(positions[:, 1:] * (m / box_size)).astype(jnp.int32), 0, m - 1)
+        cell = (iyz[:, 0] * m + iyz[:, 1]) * m_x + ix
         if sort_one_key:
             # A stable argsort as ONE sort of the keys cell * n + atom: sorting a
             # single int32 array is ~6x cheaper on CPU than sorting (key, index) pairs.
-            key = jnp.sort(cell * n + jnp.arange(n, dtype=jnp.int32))
-            order, sorted_cell = key % n, key // n
+            order = jnp.sort(cell * n + jnp.arange(n, dtype=jnp.int32)) % n
         else:
             order = jnp.argsort(cell, stable=True).astype(jnp.int32)
-            sorted_cell = cell[order]
         counts = jnp.zeros((n_cells,), jnp.int32).at[cell].add(1)
-        starts = jnp.cumsum(counts) - counts
-        slot = jnp.arange(n, dtype=jnp.int32) - starts[sorted_cell]
-        # Atoms beyond a full cell are dropped from the table; the flag reports it.
-        table = jnp.full((n_cells, cell_capacity), n, jnp.int32).at[sorted_cell, slot].set(order, mode="drop")
-        return table, ijk, jnp.max(counts) > cell_capacity
+        first = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+        rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+        return order, rank, first, jnp.concatenate([ix[:, None], iyz], axis=1)
+
+    def run_candidates(first, cells):
+        """Sorted-order indices (k, 9 range_capacity) of the candidates of atoms in
+        ``cells`` (k, 3), with their validity and the overflow flag. A run of x-cells
+        ``i - X_DIVISIONS .. i + X_DIVISIONS`` that wraps the box is two pieces:
+        ``[max(lo, 0), min(hi, m_x - 1)]`` and the wrapped rest."""
+        ix, iy, iz = cells[:, 0], cells[:, 1], cells[:, 2]
+        row = (jnp.mod(iy[:, None] + rows[:, 0], m) * m + jnp.mod(iz[:, None] + rows[:, 1], m)) * m_x  # (k, 9)
+        lo, hi = (ix - X_DIVISIONS)[:, None], (ix + X_DIVISIONS)[:, None]
+        start1 = first[row + jnp.maximum(lo, 0)]
+        len1 = first[row + jnp.minimum(hi, m_x - 1) + 1] - start1
+        wraps = (lo < 0) | (hi >= m_x)  # m_x >= run: at most one side wraps
+        a2, b2 = jnp.where(lo < 0, lo + m_x, 0), jnp.where(lo < 0, m_x - 1, hi - m_x)
+        start2 = first[row + a2]
+        len2 = jnp.where(wraps, first[row + b2 + 1] - start2, 0)
+        t = slots[None, None, :]
+        idx = jnp.where(t < len1[..., None], start1[..., None] + t, start2[..., None] + t - len1[..., None])
+        valid = t < (len1 + len2)[..., None]
+        k = cells.shape[0]
+        return idx.reshape(k, -1), valid.reshape(k, -1), jnp.max(len1 + len2) > range_capacity
 
     def subset_forces(x, sites):
         sites = jnp.asarray(sites, jnp.int32)
         positions = wrap_positions(_positions(x, n), box_size)
         if subset_uses_cells:
-            table, ijk, overflow = bin_atoms(positions)
-            near = jnp.mod(ijk[sites][:, None, :] + shifts[None], m)  # (k, 27, 3), 27 distinct cells
-            near_id = (near[..., 0] * m + near[..., 1]) * m + near[..., 2]
-            cand = table[near_id].reshape(sites.shape[0], 27 * cell_capacity)
-            raise_if(overflow, cell_overflow_msg)
+            order, rank, first, cells = bin_atoms(positions)
+            idx, valid, overflow = run_candidates(first, cells[sites])
+            valid = valid & (idx != rank[sites][:, None])
+            cand = _candidates(positions[order], idx)
+            raise_if(overflow, range_overflow_msg)
         else:
-            # Fewer than 3 cells per side (the 27 "neighbouring" cells would repeat) or fewer
-            # atoms than 27 cells hold: every atom is a candidate (O(k n) pairs, only k forces).
-            cand = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (sites.shape[0], n))
+            # Fewer than 3 rows or 2 X_DIVISIONS + 1 x-cells per side (runs would repeat
+            # atoms) or fewer atoms than the runs hold: every atom is a candidate (O(k n)
+            # pairs, only k forces).
+            idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (sites.shape[0], n))
+            valid = idx != sites[:, None]
+            cand = _candidates(positions, idx)
             overflow = jnp.zeros((), bool)
-        valid = (cand < n) & (cand != sites[:, None])
-        forces = jax.vmap(atom_force)(positions[sites], positions[jnp.minimum(cand, n - 1)], valid)
+        forces = atom_forces(positions[sites], cand, valid)
         return jnp.where(overflow, jnp.nan, forces)
 
     def site_dofs(sites: Int[Array, " k"]) -> Int[Array, " 6k"]:
@@ -434,7 +499,8 @@ def make_particle_calculator(
     )
     calculator = ParticleCalculator(
         system=system, n_atoms=n, box_size=box_size, cutoff=cutoff, mass=float(mass),
-        neighbor_capacity=neighbor_capacity, cells_per_side=m, cell_capacity=cell_capacity,
+        neighbor_capacity=neighbor_capacity, cells_per_side=m, x_cells=m_x, range_capacity=range_capacity,
+        cell_capacity=cell_capacity,
         subset_uses_cells=subset_uses_cells,
         displacement_fn=displacement_fn, neighbor_fn=neighbor_fn, allocate=allocate,
         update_and_forces=update_and_forces, neighbor_forces=neighbor_forces, full_forces=full_forces,
