@@ -49,6 +49,7 @@ def get_config(variant: str = ""):
     c.autoencoder.cond_rows = "all"  # all 16 rows, the energy's included
     c.autoencoder.epochs = 20
     c.autoencoder.batch_size = 256
+    c.autoencoder.checkpoint_every = 1  # an epoch of ~100,000 frames takes minutes
 
     c.model.name = "onsagernet"
     c.model.onsagernet.variant = "shared"

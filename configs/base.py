@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.autoencoder.b1 = 0.9
     c.autoencoder.b2 = 0.95
     c.autoencoder.log_every = 1
+    # Save the training state every this many epochs (workdir/autoencoder/resume.eqx;
+    # 0 = never) so that an interrupted AE resumes; bookkeeping, not part of the AE's spec.
+    c.autoencoder.checkpoint_every = 0
 
     # ---------------------------------------------------------------- latent model
     c.model = ml_collections.ConfigDict()

@@ -99,6 +99,8 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         _require(int(a[field]) >= 1, f"autoencoder.{field}", a[field], "must be an integer >= 1")
     _require(a.lr > 0, "autoencoder.lr", a.lr, "must be > 0")
     _require(a.n_configs >= 0, "autoencoder.n_configs", a.n_configs, "must be >= 0 (0 = all)")
+    _require(int(a.get("checkpoint_every", 0)) >= 0, "autoencoder.checkpoint_every", a.get("checkpoint_every"),
+             "must be >= 0 (0 = never)")
 
     _require(m.name in LATENT_MODELS, "model.name", m.name, f"must be one of {list(LATENT_MODELS)}")
     for name in config.structures.models:

@@ -274,17 +274,24 @@ def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     init_key, shuffle_key = jr.split(key)
     skeleton = _make_autoencoder(config, system, init_key)
     path = os.path.join(workdir, "autoencoder", "model.eqx")
-    spec = {"system": config.system.to_dict(), "autoencoder": config.autoencoder.to_dict(),
+    # checkpoint_every is bookkeeping: it changes neither the AE nor its spec.
+    settings = {k: v for k, v in config.autoencoder.to_dict().items() if k != "checkpoint_every"}
+    spec = {"system": config.system.to_dict(), "autoencoder": settings,
             "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
     if os.path.exists(path):
         logging.info("loaded autoencoder from %s", path)
         return checkpoint.load_model(path, skeleton, expect={"spec": spec})
     n = config.autoencoder.n_configs or pool_lib.n_configs(pool)
-    start = time.perf_counter()
     xs = pool if isinstance(pool, pool_lib.BlockPool) else pool[:n]  # a BlockPool streams its batches
-    ae, history = train.train_autoencoder(skeleton, xs, config.autoencoder, shuffle_key, n=n)
-    seconds = time.perf_counter() - start
+    resume_path = os.path.join(workdir, "autoencoder", "resume.eqx")
+    os.makedirs(os.path.dirname(resume_path), exist_ok=True)
+    ae, history = train.train_autoencoder(skeleton, xs, config.autoencoder, shuffle_key, n=n,
+                                          resume_path=resume_path, resume_expect={"spec": spec})
+    seconds = float(np.sum(history["epoch_seconds"]))  # all epochs, also those of an interrupted call
     checkpoint.save_model(path, ae, {"spec": spec, "seconds": seconds, "versions": checkpoint.versions()})
+    for stale in (resume_path, resume_path + ".json"):  # the AE is complete
+        if os.path.exists(stale):
+            os.remove(stale)
     write_json(os.path.join(workdir, "autoencoder", "history.json"),
                 {k: v.tolist() for k, v in history.items()} | {"seconds": seconds})
     return ae

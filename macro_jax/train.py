@@ -215,12 +215,8 @@ def train_ensemble(
     first = 0
     if every and os.path.exists(resume_path):
         n_members = jax.tree_util.tree_leaves(params)[0].shape[0]
-        skeleton = {"params": params, "opt_state": opt_state, "epoch": jnp.zeros((), jnp.int32),
-                    "history": {k: jnp.zeros((cfg.epochs, n_members), jnp.float64) for k in names}}
-        state = checkpoint.load_model(resume_path, skeleton, expect=resume_expect)
-        params, opt_state, first = state["params"], state["opt_state"], int(state["epoch"])
-        history = {k: list(np.asarray(state["history"][k][:first])) for k in names}
-        logging.info("%sresuming at epoch %d/%d from %s", log_prefix, first + 1, cfg.epochs, resume_path)
+        params, opt_state, first, history = _load_resume(resume_path, params, opt_state, names, (n_members,),
+                                                         cfg.epochs, resume_expect, log_prefix)
     monitor_every = int(cfg.get("monitor_every", 0) or 0) if monitor is not None else 0
     monitor_path = f"{resume_path}.monitor.npz" if resume_path else None
     monitored: dict[str, list] = {}
@@ -260,14 +256,37 @@ def train_ensemble(
             if monitor_every:  # first: a crash between the two files leaves it ahead, never behind
                 checkpoint.save_arrays(monitor_path, {k: np.stack(v) for k, v in monitored.items()},
                                        resume_expect or {})
-            padded = {k: np.concatenate([np.stack(v), np.zeros((cfg.epochs - e - 1, *v[0].shape))])
-                      for k, v in history.items()}
-            state = {"params": params, "opt_state": opt_state, "epoch": jnp.asarray(e + 1, jnp.int32),
-                     "history": {k: jnp.asarray(v, jnp.float64) for k, v in padded.items()}}
-            checkpoint.save_model(resume_path, state, resume_expect or {})
+            _save_resume(resume_path, params, opt_state, history, cfg.epochs, resume_expect)
     history = {k: np.stack(v) for k, v in history.items()}
     history.update({f"monitor/{k}": np.stack(v) for k, v in monitored.items()})
     return eqx.combine(params, static), history
+
+
+def _save_resume(path: str, params, opt_state, history: dict[str, list], total_epochs: int,
+                 expect: dict | None) -> None:
+    """Training state after ``len(history[...])`` epochs: params, optimiser state,
+    the epoch count and the history padded to ``total_epochs`` (fixed shapes, so
+    ``_load_resume`` can build the skeleton before reading)."""
+    done = len(next(iter(history.values())))
+    padded = {k: np.concatenate([np.stack(v), np.zeros((total_epochs - done, *np.shape(v[0])))])
+              for k, v in history.items()}
+    state = {"params": params, "opt_state": opt_state, "epoch": jnp.asarray(done, jnp.int32),
+             "history": {k: jnp.asarray(v, jnp.float64) for k, v in padded.items()}}
+    checkpoint.save_model(path, state, expect or {})
+
+
+def _load_resume(path: str, params, opt_state, names, shape: tuple, total_epochs: int, expect: dict | None,
+                 log_prefix: str):
+    """(params, opt_state, epochs done, history lists) saved by ``_save_resume``;
+    ``params`` and ``opt_state`` give the structure, ``shape`` a history entry's.
+    Raises ``checkpoint.DataFileError`` if the file is from other settings."""
+    skeleton = {"params": params, "opt_state": opt_state, "epoch": jnp.zeros((), jnp.int32),
+                "history": {k: jnp.zeros((total_epochs, *shape), jnp.float64) for k in names}}
+    state = checkpoint.load_model(path, skeleton, expect=expect)
+    first = int(state["epoch"])
+    history = {k: list(np.asarray(state["history"][k][:first])) for k in names}
+    logging.info("%sresuming at epoch %d/%d from %s", log_prefix, first + 1, total_epochs, path)
+    return state["params"], state["opt_state"], first, history
 
 
 def _load_monitored(path: str, first: int, expect: dict | None, log_prefix: str) -> dict[str, list]:
@@ -297,13 +316,19 @@ def make_autoencoder_optimizer(cfg) -> optax.GradientTransformation:
     )
 
 
-def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: int | None = None):
+def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: int | None = None,
+                      resume_path: str | None = None, resume_expect: dict | None = None):
     """Trains the AE on the first ``n`` (default all) configurations of ``xs``;
     returns (ae, history).
 
     ``xs`` is an array (n, N), one jitted scan per epoch, or a ``BlockPool``
     larger than memory: then each minibatch is gathered from the memory map
     and fed to the same jitted step (the same shuffles and batches).
+
+    With ``resume_path`` and ``cfg.checkpoint_every > 0`` the state is saved
+    there every ``checkpoint_every`` epochs and a later call continues from it
+    (as ``train_ensemble``; epochs are deterministic in (key, epoch), so the
+    result equals an uninterrupted run). The file is left for the caller.
     """
     cond_rows = None
     if cfg.cond_rows == "closure":
@@ -333,9 +358,15 @@ def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: in
     else:
         epoch = jax.jit(make_epoch_fn(step, n, cfg.batch_size), donate_argnums=(0, 1))
         xs = xs[:n]
-    history = {"loss": [], "rec": [], "cond": []}
+    history = {"loss": [], "rec": [], "cond": [], "epoch_seconds": []}  # each epoch's wall time
+    every = int(cfg.get("checkpoint_every", 0) or 0) if resume_path else 0
+    first = 0
+    if every and os.path.exists(resume_path):
+        params, opt_state, first, history = _load_resume(resume_path, params, opt_state, tuple(history), (),
+                                                         cfg.epochs, resume_expect, log_prefix)
     start = time.perf_counter()
-    for e in range(cfg.epochs):
+    for e in range(first, cfg.epochs):
+        epoch_start = time.perf_counter()
         params, opt_state, metrics = epoch(params, opt_state, xs, None, key, e)
         metrics = {k: float(v) for k, v in metrics.items()}
         if not math.isfinite(metrics["loss"]):
@@ -343,8 +374,11 @@ def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: in
                 f"{log_prefix}non-finite loss at epoch {e}; lower autoencoder.lr "
                 f"(now {cfg.lr}) or autoencoder.lambda_cond (now {cfg.lambda_cond})"
             )
-        for k in history:
+        for k in ("loss", "rec", "cond"):
             history[k].append(metrics[k])
+        history["epoch_seconds"].append(time.perf_counter() - epoch_start)
         logging.info("%sepoch %d/%d loss %.3e rec %.3e cond %.3e (%.1fs)", log_prefix, e + 1, cfg.epochs,
                      metrics["loss"], metrics["rec"], metrics["cond"], time.perf_counter() - start)
+        if every and (e + 1) % every == 0 and e + 1 < cfg.epochs:
+            _save_resume(resume_path, params, opt_state, history, cfg.epochs, resume_expect)
     return eqx.combine(params, static), {k: np.asarray(v) for k, v in history.items()}

@@ -1,10 +1,13 @@
 """Allen-Cahn system: stencil-local subset forces, the free energy, and the dynamics."""
 
+import json
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import ml_collections
 import numpy as np
 import pytest
 
@@ -185,6 +188,31 @@ def test_autoencoder_from_blocks_equals_from_memory(smoke):
     b, hb = train.train_autoencoder(skeleton, everything, cfg, jr.PRNGKey(5))
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
     np.testing.assert_allclose(a.encoder.layers[0].weight, b.encoder.layers[0].weight, rtol=1e-4, atol=1e-7)
+
+
+def test_interrupted_autoencoder_resumes_to_the_same_weights(smoke, tmp_path):
+    """autoencoder.checkpoint_every saves the AE's training state; a second call
+    continues from the last save and ends where an uninterrupted run ends."""
+    from macro_jax import checkpoint, train
+    from macro_jax.experiment import _make_autoencoder
+
+    _, config, _, prep = smoke
+    skeleton = _make_autoencoder(config, prep.system, jr.PRNGKey(4))
+    cfg = ml_collections.ConfigDict(config.autoencoder.to_dict())
+    cfg.epochs, cfg.checkpoint_every = 3, 2
+    path = str(tmp_path / "resume.eqx")
+    kw = dict(resume_path=path, resume_expect={"spec": "ae"})
+    straight, h1 = train.train_autoencoder(skeleton, prep.pool, cfg, jr.PRNGKey(5), **kw)
+    assert json.load(open(path + ".json"))["spec"] == "ae"  # the save after epoch 2 of 3 is left
+    resumed, h2 = train.train_autoencoder(skeleton, prep.pool, cfg, jr.PRNGKey(5), **kw)  # replays epoch 3
+    for a, b in zip(jax.tree_util.tree_leaves(eqx.filter(straight, eqx.is_array)),
+                    jax.tree_util.tree_leaves(eqx.filter(resumed, eqx.is_array))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k in ("loss", "rec", "cond"):
+        np.testing.assert_array_equal(h1[k], h2[k])
+    assert len(h2["epoch_seconds"]) == 3 and np.all(h2["epoch_seconds"] > 0)
+    with pytest.raises(checkpoint.DataFileError, match="metadata field 'spec'"):
+        train.train_autoencoder(skeleton, prep.pool, cfg, jr.PRNGKey(5), **dict(kw, resume_expect={"spec": "b"}))
 
 
 def test_block_claims_split_work_and_stale_locks_are_taken_over(tmp_path):
