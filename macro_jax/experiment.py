@@ -9,6 +9,7 @@ at ``config.train.budget`` and writes, under ``workdir``::
     runs/<run>/members.eqx latent members (+ .json), history.npz (with monitor/* curves
                            when train.monitor_every > 0), result.json
     results.json           one object per loss
+    stages.json            wall seconds and peak memory of each stage (macro_jax/stages.py)
     rollout.png            one test trajectory: truth vs each loss
     table.txt              the printed result table
 
@@ -30,7 +31,7 @@ import jax.random as jr
 import numpy as np
 from absl import logging
 
-from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, train
+from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, stages, train
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run, run_settings, subset_size, validate
 from macro_jax.models import Autoencoder, make_latent_model
@@ -314,9 +315,12 @@ def prepare(config, workdir) -> Prepared:
     system = _checked_system(config)
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    pool, test = _trajectories(config, system, workdir)
-    ae = _autoencoder(config, system, pool, workdir)
-    z_mean, z_std = data.latent_statistics(ae, pool)
+    with stages.stage("data (generated, or loaded and checked)"):
+        pool, test = _trajectories(config, system, workdir)
+    with stages.stage("autoencoder (trained, or loaded)"):
+        ae = _autoencoder(config, system, pool, workdir)
+    with stages.stage("latent statistics"):
+        z_mean, z_std = data.latent_statistics(ae, pool)
     return Prepared(system, ae, pool, test, z_mean, z_std)
 
 
@@ -332,34 +336,12 @@ def _broadcast(arrays, n_members: int):
     return tuple(jnp.broadcast_to(a, (n_members, *a.shape)) for a in arrays)
 
 
-def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
-    """Trains one ensemble (a member per seed) with one loss at one force budget,
-    in ``workdir/runs/<run_name(spec, budget, tag)>``.
-
-    Each member has the whole budget and its own initialisation; for
-    ``L_x,p`` also its own subsets unless ``train.shared_subsets`` (then one
-    draw labels all). Force counts and seconds are per member.
-    """
-    loss, p = parse_run(spec)
+def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, label_keys, n_members: int):
+    """Labels and precomputed loss inputs of one run: (samples, per_member,
+    stats, n_forces, force_seconds, batch_fn); see ``run_loss``."""
     system, ae = prep.system, prep.ae
-    cfg = run_settings(config, loss)
-    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
-    n = int(budget // k)
-    n_pool = pool_lib.n_configs(prep.pool)
-    if n < 1 or n > n_pool:
-        raise ConfigError(
-            f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
-            f"{n_pool} (data.n_pool_trajectories, data.pool_keep_above) and at least 1 is needed"
-        )
-    name = run_name(spec, budget, tag)
-    logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
-    seeds = tuple(cfg.seeds)
-    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in seeds)))
-    nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, ae.latent_dim, key=kk))(init_keys)
     method = config.autoencoder.jacobian
     chunk = config.train.precompute_chunk
-    n_members = len(seeds)
-    indices = config_indices(config, cfg, n_pool, n)
     batch_fn = None
     if loss in ("z", "x"):
         samples, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, chunk=chunk)
@@ -392,6 +374,38 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
             samples, per_member = member_samples[0], False
         else:
             samples, per_member = _stack(member_samples), True
+    return samples, per_member, stats, n_forces, force_seconds, batch_fn
+
+
+def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
+    """Trains one ensemble (a member per seed) with one loss at one force budget,
+    in ``workdir/runs/<run_name(spec, budget, tag)>``.
+
+    Each member has the whole budget and its own initialisation; for
+    ``L_x,p`` also its own subsets unless ``train.shared_subsets`` (then one
+    draw labels all). Force counts and seconds are per member.
+    """
+    loss, p = parse_run(spec)
+    system, ae = prep.system, prep.ae
+    cfg = run_settings(config, loss)
+    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
+    n = int(budget // k)
+    n_pool = pool_lib.n_configs(prep.pool)
+    if n < 1 or n > n_pool:
+        raise ConfigError(
+            f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
+            f"{n_pool} (data.n_pool_trajectories, data.pool_keep_above) and at least 1 is needed"
+        )
+    name = run_name(spec, budget, tag)
+    logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
+    seeds = tuple(cfg.seeds)
+    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in seeds)))
+    nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, ae.latent_dim, key=kk))(init_keys)
+    n_members = len(seeds)
+    indices = config_indices(config, cfg, n_pool, n)
+    with stages.stage(f"{name}: labels and precompute"):
+        samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
+            prep, config, cfg, loss, indices, n, k, label_keys, n_members)
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
@@ -399,14 +413,16 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     start = time.perf_counter()
     run_dir = os.path.join(workdir, "runs", name)
     resume_path = os.path.join(run_dir, "resume.eqx")
-    nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
-                                         per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
-                                         resume_path=resume_path, resume_expect={"settings": _settings(config, spec)},
-                                         monitor=monitor)
+    with stages.stage(f"{name}: training"):
+        nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
+                                             per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
+                                             resume_path=resume_path,
+                                             resume_expect={"settings": _settings(config, spec)}, monitor=monitor)
     train_seconds = time.perf_counter() - start
-    errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
-                                                              prep.test.times, substeps=config.eval.substeps,
-                                                              relative_floor=config.eval.relative_floor)
+    with stages.stage(f"{name}: evaluation"):
+        errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
+                                                        prep.test.times, substeps=config.eval.substeps,
+                                                        relative_floor=config.eval.relative_floor)
     member_errors = np.asarray(jnp.mean(errors, axis=1), dtype=np.float64)
     result = {
         "loss": losses.LOSS_NAMES[loss],
@@ -610,6 +626,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     prep = prepare(config, workdir)
     results = [run_loss(prep, config, spec, config.train.budget, workdir) for spec in config.train.runs]
     write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
+    write_json(os.path.join(workdir, "stages.json"), stages.records())  # seconds and peak memory per stage
     table = format_table(results)
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")

@@ -1,0 +1,80 @@
+"""Wall time and peak memory of each stage of a run (data, autoencoder, labels, training, ...).
+
+``with stage("autoencoder"): ...`` appends a record to this process's list
+(``records()``): seconds, and the peak resident set size of the process
+during the stage. On Linux the kernel's peak (``VmHWM``) is reset at the start
+of each stage (``/proc/self/clear_refs``), so each peak is the stage's own;
+where that reset is not allowed the record says so and the peak is the
+process's maximum so far. On an accelerator the device's peak bytes in use
+(``memory_stats``, since the process started) are added where the backend
+reports them. Stages must not nest (a nested reset would hide the outer
+stage's peak); nesting raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+
+import jax
+
+_RECORDS: list[dict] = []
+_OPEN: list[str] = []
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+
+
+def _device_peak_bytes() -> int | None:
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None  # host memory: the RSS above
+    stats = device.memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    """Records the wall seconds and peak memory of the block it wraps as ``name``."""
+    if _OPEN:
+        raise RuntimeError(f"stage {name!r} opened inside stage {_OPEN[-1]!r}: stages must not nest")
+    _OPEN.append(name)
+    reset = _reset_peak()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _OPEN.pop()
+        record = {"stage": name, "seconds": time.perf_counter() - start,
+                  "peak_rss_gib": _peak_rss_bytes() / 2**30, "peak_is_stage_own": reset}
+        device_peak = _device_peak_bytes()
+        if device_peak is not None:
+            record["device_peak_gib_so_far"] = device_peak / 2**30
+        _RECORDS.append(record)
+
+
+def records() -> list[dict]:
+    """This process's stage records, in order."""
+    return [dict(r) for r in _RECORDS]
+
+
+def clear() -> None:
+    _RECORDS.clear()
