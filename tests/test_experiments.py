@@ -187,3 +187,40 @@ def test_lj_structures_smoke(tmp_path):
     np.testing.assert_allclose(prep.test.obs[0, 0], 20.0 * temperature(x0[0], n), rtol=1e-6)
     again = structures.run_structures(config, workdir)  # resumes: nothing retrains
     assert [r["test_errors"] for r in again] == [r["test_errors"] for r in results]
+
+
+def test_lj51200_config_and_smoke_run_with_stage_records(tmp_path):
+    """The large-system protocol on 100 atoms: particle runs written in blocks
+    (each block from its own minimised configuration), a one-hidden-layer AE,
+    L_z vs L_x,p at one budget, and stages.json with every stage's seconds and
+    peak memory."""
+    from configs import lj51200
+    from macro_jax import pool as pool_lib, stages
+
+    full = lj51200.get_config()
+    assert (full.system.params.n_atoms, full.system.params.box_size, tuple(full.autoencoder.hidden)) == (51_200, 40.0, (64,))
+    assert full.train.runs == ("z", "xp:50/51200") and full.train.budget == 512_000
+    assert full.data.n_pool_trajectories * full.data.pool_steps >= full.train.budget // 50  # the pool holds the L_x,p draw
+    with pytest.raises(ValueError, match="unknown lj51200 config variant"):
+        lj51200.get_config("big")
+
+    config = lj51200.get_config("smoke")
+    workdir = str(tmp_path)
+    stages.clear()
+    results = experiment.train_and_evaluate(config, workdir)
+    assert [r["loss"] for r in results] == ["L_z", "L_x,p"]
+    for r in results:
+        assert r["n_force_computations"] == config.train.budget
+        assert all(np.isfinite(e) and 0 < e < 1 for e in r["test_errors"])
+    prep = experiment.prepare(config, workdir)
+    assert isinstance(prep.pool, pool_lib.BlockPool) and len(prep.ae.encoder.layers) == 2  # one hidden layer
+    n = config.system.params.n_atoms
+    first = [np.asarray(prep.pool.take(np.asarray([b * 2 * 50]))[0, : 3 * n]) for b in range(2)]
+    assert not np.allclose(first[0], first[1])  # blocks 0 and 1 start from different minimised configurations
+    with open(os.path.join(workdir, "stages.json")) as f:
+        names = [s["stage"] for s in json.load(f)]
+    expected = ["data", "autoencoder", "latent statistics"] + [
+        f"{experiment.run_name(spec, config.train.budget)}: {what}"
+        for spec in config.train.runs for what in ("labels and precompute", "training", "evaluation")]
+    assert [name.split(" (")[0] for name in names] == expected
+    stages.clear()
