@@ -6,7 +6,9 @@
 
 With --data_only it only simulates (or checks) the data and exits: a second
 process started so on the same workdir shares a block-written pool's
-generation with the first (data.block_trajectories > 0).
+generation with the first (data.block_trajectories > 0). Each run writes the
+wall seconds and peak memory of its stages (macro_jax/stages.py) to
+workdir/stages.json (--data_only: workdir/data/stages_data_only_<pid>.json).
 """
 
 import os
@@ -15,7 +17,7 @@ import shutil
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from macro_jax import experiment
+from macro_jax import experiment, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and results.")
@@ -29,7 +31,10 @@ def main(argv):
     logging.info("config:\n%s", _CONFIG.value)
     if _DATA_ONLY.value:
         experiment.generate_data(_CONFIG.value, _WORKDIR.value)
-        print(f"data in {_WORKDIR.value}/data")
+        # this process's share: several may generate one pool together
+        path = os.path.join(_WORKDIR.value, "data", f"stages_data_only_{os.getpid()}.json")
+        experiment.write_json(path, stages.records())
+        print(f"data in {_WORKDIR.value}/data; this process's seconds and peak memory in {path}")
         return
     results = experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     rollout = os.path.join(_WORKDIR.value, "rollout.png")

@@ -307,7 +307,9 @@ def _checked_system(config) -> MicroSystem:
 
 def generate_data(config, workdir):
     """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
-    return _trajectories(config, _checked_system(config), workdir)
+    system = _checked_system(config)
+    with stages.stage("data (generated, or loaded and checked)"):
+        return _trajectories(config, system, workdir)
 
 
 def prepare(config, workdir) -> Prepared:
