@@ -445,9 +445,9 @@ def make_particle_calculator(
             # Fewer than 3 rows or 2 X_DIVISIONS + 1 x-cells per side (runs would repeat
             # atoms) or fewer atoms than the runs hold: every atom is a candidate (O(k n)
             # pairs, only k forces).
-            idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (sites.shape[0], n))
-            valid = idx != sites[:, None]
-            cand = _candidates(positions, idx)
+            # A broadcast, not a gather: XLA fuses it into the pair arithmetic.
+            valid = jnp.arange(n, dtype=jnp.int32)[None, :] != sites[:, None]
+            cand = jnp.broadcast_to(positions.T[:, None, :], (3, sites.shape[0], n))
             overflow = jnp.zeros((), bool)
         forces = atom_forces(positions[sites], cand, valid)
         return jnp.where(overflow, jnp.nan, forces)
