@@ -33,8 +33,8 @@ the energy of the pairs that contain atom i, which is ``-dE/dR_i`` of the total)
   x-cells around it (a run that wraps the box is two pieces), padded to
   ``range_capacity``. Pair work is O(k x 9 x range_capacity); no neighbour
   list is built and no other atom's force is evaluated. The thin x-cells
-  search ~30% less volume than the 27 cells of side >= cutoff around an atom
-  and a run pads once, not per cell. Boxes with fewer than 3 rows per side or
+  search ~25% less volume than the 27 cells of side >= cutoff around an atom
+  (at 51,200 atoms: 381 vs 512 sigma^3) and a run pads once, not per cell. Boxes with fewer than 3 rows per side or
   ``2 X_DIVISIONS + 1`` x-cells, or so small that 9 x range_capacity >= N,
   use all N atoms as candidates of each chosen atom instead (O(k N) pair work,
   no binning, still only the chosen atoms' forces).
