@@ -176,3 +176,8 @@ def test_system_trajectory_fn_runs_the_protocol():
     independent = make_particle_calculator(N_ATOMS, BOX, pair_fn=LJ, same_initial=False)
     y0 = np.asarray(independent.system.trajectory_fn(jr.PRNGKey(6), 2, n_steps=2, save_every=2).xs[:, 0, : 3 * N_ATOMS])
     assert np.abs(y0[0] - y0[1]).max() > 0.1  # one insertion and minimisation per run
+    # labels=False: the same frames without the labels (the experiment labels later)
+    bare = calc.system.trajectory_fn(jr.PRNGKey(6), 2, dt=0.001, n_steps=6, save_every=2, dtype=jnp.float32,
+                                     labels=False)
+    assert bare.forces is None
+    np.testing.assert_array_equal(np.asarray(bare.xs), np.asarray(traj.xs))

@@ -99,6 +99,9 @@ def test_trajectories_store_exact_force_of_stored_state(pp):
     assert traj.xs.shape == (2, 10, 100) and traj.xs.dtype == jnp.float32
     expected = jax.vmap(jax.vmap(pp.force_fn))(traj.xs.astype(jnp.float64)).astype(jnp.float32)
     np.testing.assert_array_equal(np.asarray(traj.forces), np.asarray(expected))
+    bare = pp.trajectory_fn(jr.PRNGKey(0), 2, n_steps=100, save_every=10, labels=False)  # frames only
+    assert bare.forces is None
+    np.testing.assert_array_equal(np.asarray(bare.xs), np.asarray(traj.xs))
     # the observables stay in the physical range
     means = jax.vmap(jax.vmap(pp.observable_fn))(traj.xs)
     assert np.all((np.asarray(means) > 0) & (np.asarray(means) < 1))

@@ -16,9 +16,11 @@ A system is a frozen bundle of pure functions built by a ``make_*`` factory:
   calculator that evaluates every force and slices defeats the method.
 * ``observable_fn(x) -> z*``: the fixed macroscopic observables, shape (d*,).
 * ``site_dofs(sites) -> idx``: the coordinates of ``x`` that ``sites`` own.
-* ``trajectory_fn(key, n, *, dt, n_steps, save_every, integrator, dtype) ->
-  Trajectories``: n microscopic trajectories from the system's distribution
-  of initial conditions; ``integrators`` lists the integrators it accepts.
+* ``trajectory_fn(key, n, *, dt, n_steps, save_every, integrator, dtype,
+  labels=True) -> Trajectories``: n microscopic trajectories from the
+  system's distribution of initial conditions; ``integrators`` lists the
+  integrators it accepts. ``labels=False`` skips the force labels
+  (``forces=None``) where the caller labels later with the force calculator.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class Trajectories(NamedTuple):
 
     ``xs`` has shape (n_traj, n_times, N) and ``forces`` the same: the exact
     right-hand side ``f(x)`` at each stored configuration (never an
-    integrator's averaged slope). Trajectories read back from disk carry
-    ``forces=None``: training labels come from the force calculator.
+    integrator's averaged slope). Trajectories simulated with
+    ``labels=False`` or read back from disk carry ``forces=None``: training
+    labels come from the force calculator.
     """
 
     times: Float[Array, " n_times"]

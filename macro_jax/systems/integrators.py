@@ -30,12 +30,14 @@ def rk4_step(f, x, dt):
 _STEPS = {"euler": euler_step, "rk4": rk4_step}
 
 
-def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_size=None) -> Trajectories:
+def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_size=None,
+             labels: bool = True) -> Trajectories:
     """Integrates a batch of initial states ``x0`` (n_traj, N) for ``n_steps``.
 
     Stores ``n_steps // save_every`` frames, the first at t = 0. With
     ``batch_size``, that many trajectories are vmapped at a time and the
     batches run one after another (``lax.map``); by default all at once.
+    ``labels=False``: no force labels (``forces=None``).
     """
     if integrator not in _STEPS:
         raise ValueError(f"integrator={integrator!r} is not one of {INTEGRATORS}")
@@ -52,6 +54,8 @@ def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_
     def run(x0):
         _, xs = jax.lax.scan(advance, x0.astype(jnp.float64), None, length=n_frames)
         xs = xs.astype(dtype)
+        if not labels:
+            return xs, None
         # The label is the exact force of the configuration as stored, rounded once.
         forces = jax.vmap(force_fn)(xs.astype(jnp.float64)).astype(dtype)
         return xs, forces

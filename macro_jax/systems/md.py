@@ -203,6 +203,7 @@ def make_nve(
     max_reallocations: int = 4,
     dtype=None,
     vmap_size: int = 1,
+    labels: bool = True,
 ):
     """``run(x0) -> (Trajectories, n_reallocations)``: NVE velocity Verlet from each
     state of ``x0`` (6n,) or (B, 6n).
@@ -218,7 +219,8 @@ def make_nve(
     Integration is in float64; frames are stored in ``dtype`` (default: that of
     ``x0``). In float64 the label is the force the integrator used; otherwise it
     is evaluated again at the rounded stored state, so a label is always f of the
-    stored x, rounded once.
+    stored x, rounded once. ``labels=False`` skips the labels (``forces=None``;
+    below float64 that saves one force evaluation per stored frame).
 
     Neighbour lists: one list is allocated outside jit from ``x0[0]`` (jax-md's
     rule, ``capacity_multiplier`` times its occupancy); each run starts from it
@@ -260,8 +262,13 @@ def make_nve(
             carry = jax.lax.fori_loop(0, save_every, step, carry)
             return carry, (x, label.astype(store_dtype))
 
-        (_, _, _, nbrs), (xs, labels) = jax.lax.scan(frame, (pos, vel, forces, nbrs), None, length=n_frames)
-        return xs, labels, nbrs.did_buffer_overflow
+        def frame_unlabelled(carry, _):
+            x = jnp.concatenate([carry[0], carry[1]]).astype(store_dtype)
+            return jax.lax.fori_loop(0, save_every, step, carry), (x, None)
+
+        (_, _, _, nbrs), (xs, frame_labels) = jax.lax.scan(frame if labels else frame_unlabelled,
+                                                           (pos, vel, forces, nbrs), None, length=n_frames)
+        return xs, frame_labels, nbrs.did_buffer_overflow
 
     def batch_one(x0s, nbrs, store_dtype):
         # lax.map's batch_size vmaps even a batch of 1, so 1 means no batch_size
@@ -278,7 +285,7 @@ def make_nve(
         extra = 0
         nbrs = neighbor_fn.allocate(reference)
         for attempt in range(max_reallocations + 1):
-            xs, labels, overflow = batch_run(batch, nbrs, store_dtype)
+            xs, frame_labels, overflow = batch_run(batch, nbrs, store_dtype)
             if not bool(jnp.any(overflow)):
                 break
             if attempt == max_reallocations:
@@ -290,7 +297,7 @@ def make_nve(
             extra = _grow(nbrs, extra)
             nbrs = neighbor_fn.allocate(reference, extra_capacity=extra)
         times = (jnp.arange(n_frames) * (save_every * dt)).astype(store_dtype)
-        return Trajectories(times=times, xs=xs, forces=labels), attempt
+        return Trajectories(times=times, xs=xs, forces=frame_labels), attempt
 
     return run
 
@@ -352,8 +359,8 @@ def make_lj_dataset(
     run = make_nve(calc, dt, n_steps, save_every=save_every, dtype=dtype, **(nve_kwargs or {}))
     size = batch_size or n_runs
     parts = [run(x0[i: i + size])[0] for i in range(0, n_runs, size)]
-    traj = Trajectories(parts[0].times, jnp.concatenate([p.xs for p in parts]),
-                        jnp.concatenate([p.forces for p in parts]))
+    forces = None if parts[0].forces is None else jnp.concatenate([p.forces for p in parts])
+    traj = Trajectories(parts[0].times, jnp.concatenate([p.xs for p in parts]), forces)
     return MDDataset(traj, T0)
 
 

@@ -467,17 +467,17 @@ def make_particle_calculator(
         return temperature_scale * observables.temperature(x, n, mass)
 
     def trajectory_fn(key, n_traj: int, *, dt: float = 0.001, n_steps: int = 250, save_every: int = 1,
-                      integrator: str = "velocity_verlet", dtype=jnp.float32):
+                      integrator: str = "velocity_verlet", dtype=jnp.float32, labels: bool = True):
         """``n_traj`` NVE runs (``md.make_lj_dataset`` with ``same_initial``,
         T0 ~ U(T0_range)): ``xs`` and ``forces`` (n_traj, n_steps // save_every,
-        6n) in ``dtype``, positions unwrapped."""
+        6n) in ``dtype``, positions unwrapped; ``labels=False``: ``forces=None``."""
         if integrator != "velocity_verlet":
             raise ValueError(f"data.*_integrator={integrator!r}: particle MD uses 'velocity_verlet'")
         from macro_jax.systems import md  # md imports this module
 
         return md.make_lj_dataset(calculator, key, n_traj, tuple(T0_range), same_initial=same_initial, dt=dt,
                                   n_steps=n_steps, save_every=save_every, dtype=dtype,
-                                  batch_size=md_batch_size).trajectories
+                                  batch_size=md_batch_size, nve_kwargs={"labels": labels}).trajectories
 
     def pair_energy(r):
         r = jnp.asarray(r)
