@@ -82,9 +82,7 @@ def cond_indices(n_pool: int, n: int) -> np.ndarray:
 def _cond_spec(config) -> dict:
     from macro_jax import experiment
 
-    return {"system": config.system.to_dict(), "autoencoder": config.autoencoder.to_dict(),
-            "data": experiment._without_later_defaults("data", config.data.to_dict()), "seed": config.seed,
-            "cond_configs": int(config.diagnostics.cond_configs)}
+    return dict(experiment.autoencoder_spec(config), cond_configs=int(config.diagnostics.cond_configs))
 
 
 def cached_condition_numbers(config, workdir: str, get_prep) -> tuple[np.ndarray, np.ndarray]:

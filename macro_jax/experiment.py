@@ -271,15 +271,21 @@ def _make_autoencoder(config, system, key) -> Autoencoder:
     )
 
 
+def autoencoder_spec(config) -> dict:
+    """What determines a trained autoencoder (the metadata its file is checked
+    against): system, AE settings, data and seed. ``autoencoder.checkpoint_every``
+    is bookkeeping and left out (files saved before it existed stay valid)."""
+    settings = {k: v for k, v in config.autoencoder.to_dict().items() if k != "checkpoint_every"}
+    return {"system": config.system.to_dict(), "autoencoder": settings,
+            "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
+
+
 def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     key = jr.fold_in(jr.PRNGKey(config.seed), 2)
     init_key, shuffle_key = jr.split(key)
     skeleton = _make_autoencoder(config, system, init_key)
     path = os.path.join(workdir, "autoencoder", "model.eqx")
-    # checkpoint_every is bookkeeping: it changes neither the AE nor its spec.
-    settings = {k: v for k, v in config.autoencoder.to_dict().items() if k != "checkpoint_every"}
-    spec = {"system": config.system.to_dict(), "autoencoder": settings,
-            "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
+    spec = autoencoder_spec(config)
     if os.path.exists(path):
         logging.info("loaded autoencoder from %s", path)
         return checkpoint.load_model(path, skeleton, expect={"spec": spec})
@@ -306,11 +312,15 @@ def _checked_system(config) -> MicroSystem:
     return system
 
 
-def generate_data(config, workdir):
-    """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
-    system = _checked_system(config)
+def _data(config, system, workdir):
+    """``_trajectories``, recorded as a stage."""
     with stages.stage("data (generated, or loaded and checked)"):
         return _trajectories(config, system, workdir)
+
+
+def generate_data(config, workdir):
+    """Simulates (or loads and checks) the pool and test set; returns (pool, test)."""
+    return _data(config, _checked_system(config), workdir)
 
 
 def prepare(config, workdir) -> Prepared:
@@ -318,8 +328,7 @@ def prepare(config, workdir) -> Prepared:
     system = _checked_system(config)
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    with stages.stage("data (generated, or loaded and checked)"):
-        pool, test = _trajectories(config, system, workdir)
+    pool, test = _data(config, system, workdir)
     with stages.stage("autoencoder (trained, or loaded)"):
         ae = _autoencoder(config, system, pool, workdir)
     with stages.stage("latent statistics"):
@@ -626,10 +635,11 @@ def plot_rollout(results: list[dict], times, path: str, trajectory: int, observa
 
 def train_and_evaluate(config, workdir: str) -> list[dict]:
     """Runs every loss of ``config.train.runs`` at ``config.train.budget``; see module doc."""
+    first_stage = len(stages.records())  # this call's stages only, whatever ran before in the process
     prep = prepare(config, workdir)
     results = [run_loss(prep, config, spec, config.train.budget, workdir) for spec in config.train.runs]
     write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
-    write_json(os.path.join(workdir, "stages.json"), stages.records())  # seconds and peak memory per stage
+    write_json(os.path.join(workdir, "stages.json"), stages.records()[first_stage:])  # seconds, peak memory
     table = format_table(results)
     with open(os.path.join(workdir, "table.txt"), "w") as f:
         f.write(table + "\n")

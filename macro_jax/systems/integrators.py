@@ -67,7 +67,7 @@ def simulate(force_fn, x0, *, dt, n_steps, save_every, integrator, dtype, batch_
 
 def make_trajectory_fn(force_fn, initial_fn, *, batch_size=None, **defaults):
     """A system's ``trajectory_fn(key, n_traj, *, dt, n_steps, save_every,
-    integrator, dtype)``: ``n_traj`` initial states ``initial_fn(key_i)`` (keys
+    integrator, dtype, labels)``: ``n_traj`` initial states ``initial_fn(key_i)`` (keys
     split from ``key``) integrated by ``simulate`` in float64 and stored in
     ``dtype`` every ``save_every`` steps; ``defaults`` fills the keywords a
     call leaves out."""

@@ -254,20 +254,17 @@ def make_nve(
         def frame(carry, _):
             pos, vel, forces, nbrs = carry
             x = jnp.concatenate([pos, vel]).astype(store_dtype)
-            if store_dtype == jnp.float64:
-                label_forces = forces
-            else:  # the force of the rounded state (the list stays valid: rounding moves ~1e-7)
-                label_forces = calc.neighbor_forces(x.astype(jnp.float64), nbrs)
-            label = jnp.concatenate([x[3 * n:].astype(jnp.float64), label_forces.reshape(-1) / mass])
-            carry = jax.lax.fori_loop(0, save_every, step, carry)
-            return carry, (x, label.astype(store_dtype))
+            label = None
+            if labels:
+                if store_dtype == jnp.float64:
+                    label_forces = forces
+                else:  # the force of the rounded state (the list stays valid: rounding moves ~1e-7)
+                    label_forces = calc.neighbor_forces(x.astype(jnp.float64), nbrs)
+                label = jnp.concatenate([x[3 * n:].astype(jnp.float64), label_forces.reshape(-1) / mass])
+                label = label.astype(store_dtype)
+            return jax.lax.fori_loop(0, save_every, step, carry), (x, label)
 
-        def frame_unlabelled(carry, _):
-            x = jnp.concatenate([carry[0], carry[1]]).astype(store_dtype)
-            return jax.lax.fori_loop(0, save_every, step, carry), (x, None)
-
-        (_, _, _, nbrs), (xs, frame_labels) = jax.lax.scan(frame if labels else frame_unlabelled,
-                                                           (pos, vel, forces, nbrs), None, length=n_frames)
+        (_, _, _, nbrs), (xs, frame_labels) = jax.lax.scan(frame, (pos, vel, forces, nbrs), None, length=n_frames)
         return xs, frame_labels, nbrs.did_buffer_overflow
 
     def batch_one(x0s, nbrs, store_dtype):
