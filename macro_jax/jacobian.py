@@ -108,9 +108,17 @@ def cholesky(gram: jax.Array) -> jax.Array:
 
 
 def pinv_rows(chol: jax.Array, cols: jax.Array, g: jax.Array) -> jax.Array:
-    """``(J^+ g)_I = J[:, I]^T G^{-1} g`` from the Cholesky factor of G, in float64."""
+    """``(J^+ g)_I = J[:, I]^T G^{-1} g`` from the Cholesky factor of G.
+
+    The d x d solve, where the conditioning of J bites, runs in float64. The
+    product with the stored block ``J[:, I]`` runs in that block's dtype: its
+    rounding error is of the order of the error already made when the block
+    was stored (eps |J_I| |y| either way), while a float64 product would cost
+    ~7x more per training step on XLA CPU (0.27 s vs 0.04 s for 5,120 samples
+    of 300 x 32; batched float64 dots do not vectorise there).
+    """
     y = cho_solve((chol, True), g.astype(F64))
-    return cols.astype(F64).T @ y
+    return cols.T @ y.astype(cols.dtype)
 
 
 def metric_norm2(chol: jax.Array, r: jax.Array) -> jax.Array:

@@ -76,7 +76,7 @@ def loss_x(field, s):
 def loss_xp(field, s, weight):
     """``weight |f_I - (J^+ g)_I|^2``; sample keys: z, chol, cols, f_sub."""
     pred = jacobian.pinv_rows(s["chol"], s["cols"], field(0.0, s["z"]))
-    return (weight * jnp.sum((s["f_sub"].astype(jnp.float64) - pred) ** 2)).astype(jnp.float32)
+    return (weight * jnp.sum((s["f_sub"].astype(pred.dtype) - pred) ** 2)).astype(jnp.float32)
 
 
 def per_sample_loss(loss: str, weight: float = 1.0) -> Callable:
