@@ -82,10 +82,10 @@ def main(argv):
     sites = data.draw_sites(system, jr.PRNGKey(3), n_xp, k)
     f_sub, account = data.label_subset(system, xs, sites, chunk=256)
     s_xp = data.precompute(ae, method, system, "xp", xs, f_sub, sites)
-    stats = (z_mean, z_std, *data.rate_statistics(system, "xp", s_xp))
+    stats = (z_mean, z_std, *data.rate_statistics("xp", s_xp))
     f_full, _ = data.label_full(system, xs[:n_z], chunk=256)
     s_z = data.precompute(ae, method, system, "z", xs[:n_z], f_full)
-    stats_z = (z_mean, z_std, *data.rate_statistics(system, "z", s_z))
+    stats_z = (z_mean, z_std, *data.rate_statistics("z", s_z))
     members = _MEMBERS.value
     forces_per_step = account.seconds / n_xp * batch_xp * members  # each member draws its own atoms
     loss_xp = losses.per_sample_loss("xp", system.n_sites / k)

@@ -111,12 +111,12 @@ def main(argv):
     sites = data.draw_sites(system, jr.PRNGKey(2), n_lxp, 20)
     f_sub, _ = data.label_subset(system, xs, sites)
     s_xp = data.precompute(ae, "linear_first_layer", system, "xp", xs, f_sub, sites)
-    stats = (z_mean, z_std, *data.rate_statistics(system, "xp", s_xp))
+    stats = (z_mean, z_std, *data.rate_statistics("xp", s_xp))
     rows.append(_epoch_rows("epoch_lxp", losses.per_sample_loss("xp", 5.0), s_xp, stats, n_lxp, repeats))
 
     f_full, _ = data.label_full(system, xs[:n_lz])
     s_z = data.precompute(ae, "linear_first_layer", system, "z", xs[:n_lz], f_full)
-    stats = (z_mean, z_std, *data.rate_statistics(system, "z", s_z))
+    stats = (z_mean, z_std, *data.rate_statistics("z", s_z))
     rows.append(_epoch_rows("epoch_lz", losses.loss_z, s_z, stats, n_lz, repeats))
 
     # rollout: 100 trajectories x 3000 RK4 steps of the latent OnsagerNet

@@ -357,7 +357,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     batch_fn = None
     if loss in ("z", "x"):
         samples, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, chunk=chunk)
-        rate_mean, rate_std = data.rate_statistics(system, loss, samples)
+        rate_mean, rate_std = data.rate_statistics(loss, samples)
         per_member = False
         stats = _broadcast((prep.z_mean, prep.z_std, rate_mean, rate_std), n_members)
         n_forces, force_seconds = account.n_forces, account.seconds
@@ -368,7 +368,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
         for key in draws:
             sites = data.draw_sites(system, key, n, k)
             s, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, sites, chunk=chunk)
-            member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(system, loss, s)))
+            member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(loss, s)))
             member_samples.append(s)
             accounts.append(account)
         stats = _broadcast(member_stats[0], n_members) if cfg.shared_subsets else _stack(member_stats)

@@ -117,8 +117,12 @@ def pinv_rows(chol: jax.Array, cols: jax.Array, g: jax.Array) -> jax.Array:
     ~7x more per training step on XLA CPU (0.27 s vs 0.04 s for 5,120 samples
     of 300 x 32; batched float64 dots do not vectorise there).
     """
-    y = cho_solve((chol, True), g.astype(F64))
-    return cols.T @ y.astype(cols.dtype)
+    return cols.T @ solve_gram(chol, g).astype(cols.dtype)
+
+
+def solve_gram(chol: jax.Array, g: jax.Array) -> jax.Array:
+    """``y = G^{-1} g`` in float64 from the lower Cholesky factor of G."""
+    return cho_solve((chol, True), g.astype(F64))
 
 
 def metric_norm2(chol: jax.Array, r: jax.Array) -> jax.Array:

@@ -11,7 +11,8 @@ Latent dynamics (stage 2, encoder frozen), per configuration with
 
 ``L_x`` is evaluated through the identity with the theta-independent
 ``|P f|^2`` precomputed, ``L_x,p`` from the Cholesky factor of ``G`` and the
-block ``J[:, I]``; no N x d pseudo-inverse anywhere. Uniform subsets without
+float64 products ``|f_I|^2``, ``J_I f_I`` and ``J_I J_I^T`` of the block
+``J[:, I]`` (which itself is not kept); no N x d pseudo-inverse anywhere. Uniform subsets without
 replacement make ``L_x,p`` unbiased for ``L_x``.
 """
 
@@ -74,9 +75,12 @@ def loss_x(field, s):
 
 
 def loss_xp(field, s, weight):
-    """``weight |f_I - (J^+ g)_I|^2``; sample keys: z, chol, cols, f_sub."""
-    pred = jacobian.pinv_rows(s["chol"], s["cols"], field(0.0, s["z"]))
-    return (weight * jnp.sum((s["f_sub"].astype(pred.dtype) - pred) ** 2)).astype(jnp.float32)
+    """``weight |f_I - (J^+ g)_I|^2`` with ``(J^+ g)_I = J_I^T y``, ``y = G^{-1} g``,
+    expanded as ``|f_I|^2 - 2 y.(J_I f_I) + y^T (J_I J_I^T) y`` in float64
+    (``data.partial_sample``); sample keys: z, chol, ff, jfi, gram_i."""
+    y = jacobian.solve_gram(s["chol"], field(0.0, s["z"]))
+    r2 = s["ff"] - 2.0 * jnp.dot(y, s["jfi"]) + jnp.dot(y, s["gram_i"] @ y)
+    return (weight * r2).astype(jnp.float32)
 
 
 def per_sample_loss(loss: str, weight: float = 1.0) -> Callable:

@@ -103,6 +103,25 @@ def test_lxp_with_every_site_equals_lx(setup):
     np.testing.assert_allclose(np.asarray(lxp), np.asarray(lx), rtol=1e-4)
 
 
+def test_lxp_from_products_equals_direct_residual(setup):
+    """The expanded float64 form of L_x,p equals |f_I - (J^+ g)_I|^2 computed from
+    J[:, I] and f_I directly, configuration by configuration."""
+    system, ae, xs, fs = setup
+    field = _field(jr.PRNGKey(8))
+    geometry = jacobian.make_geometry_fn(ae, "linear_first_layer")
+    sites = data.draw_sites(system, jr.PRNGKey(9), 6, 7)
+    f_sub, _ = data.label_subset(system, xs[:6], sites)
+    sp = data.precompute(ae, "linear_first_layer", system, "xp", xs[:6], f_sub, sites)
+    for i in range(6):
+        geo = geometry(xs[i], system.site_dofs(sites[i]))
+        g = field(0.0, geo.z)
+        pred = jacobian.pinv_rows(jacobian.cholesky(geo.gram), geo.cols.astype(jnp.float64), g)
+        direct = float(np.sum((np.asarray(f_sub[i], np.float64) - np.asarray(pred)) ** 2))
+        expanded = float(losses.loss_xp(field, jax.tree_util.tree_map(lambda a: a[i], sp), 1.0))
+        assert expanded == pytest.approx(direct, rel=1e-6)
+    assert "cols" not in sp and sp["gram_i"].shape == (6, 4, 4)  # J[:, I] itself is not kept
+
+
 def test_weighted_lxp_is_unbiased_for_lx(setup):
     """The mean of (N/k)|f_I - (J^+ g)_I|^2 over many random subsets equals L_x."""
     system, ae, xs, fs = setup
@@ -131,14 +150,14 @@ def test_partial_rate_moments_unbiased(setup):
     f_sub, account = data.label_subset(system, xs_rep, sites)
     assert account.n_forces == n_draws * 20
     part = data.precompute(ae, "linear_first_layer", system, "xp", xs_rep, f_sub, sites)
-    total, second = (np.asarray(a) for a in data.partial_rate_moments(system, part))
+    total, second = np.asarray(part["rate"]), np.asarray(part["rate2"])
     for est, truth in ((total, jf), (second, jf**2)):
         stderr = est.std(0, ddof=1) / np.sqrt(n_draws)
         assert np.all(np.abs(est.mean(0) - truth) < 4 * stderr + 1e-12), (est.mean(0), truth, stderr)
     # the naive second moment T^2 is biased upwards by the subset noise; the correction matters
     assert np.all((total**2).mean(0) - jf**2 > 4 * (total**2).std(0) / np.sqrt(n_draws))
-    # the statistics streamed in chunks equal the whole-array formula
-    mean, std = data.rate_statistics(system, "xp", part, chunk=3001)
+    # the run's statistics are these estimates' moments
+    mean, std = data.rate_statistics("xp", part)
     np.testing.assert_allclose(mean, total.mean(0), rtol=1e-5)
     var = second.mean(0) - total.mean(0) ** 2  # one configuration: ~0, clamped as rate_statistics does
     np.testing.assert_allclose(std, np.sqrt(np.maximum(var, 1e-6 * (total**2).mean(0))), rtol=1e-4)

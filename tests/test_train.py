@@ -101,8 +101,8 @@ def test_online_step_draws_sites_and_learns():
     batch_fn = data.make_online_batch_fn(system, ae, "linear_first_layer", 20)
     b1 = batch_fn(xs[:4], jr.PRNGKey(5))
     b2 = batch_fn(xs[:4], jr.PRNGKey(6))
-    assert b1["f_sub"].shape == (4, 20)
-    assert not np.array_equal(np.asarray(b1["f_sub"]), np.asarray(b2["f_sub"]))  # fresh sites per step
+    assert b1["jfi"].shape == (4, 4) and b1["gram_i"].shape == (4, 4, 4)
+    assert not np.array_equal(np.asarray(b1["ff"]), np.asarray(b2["ff"]))  # fresh sites per step
     nets = eqx.filter_vmap(lambda k: OnsagerNet(4, variant="separate", key=k))(jr.split(jr.PRNGKey(2), 2))
     z_stats = data.latent_statistics(ae, xs)
     stats = tuple(jnp.stack([s, s]) for s in (*z_stats, jnp.zeros(4, jnp.float32), jnp.full(4, 0.05, jnp.float32)))
