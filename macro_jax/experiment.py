@@ -275,8 +275,7 @@ def autoencoder_spec(config) -> dict:
     """What determines a trained autoencoder (the metadata its file is checked
     against): system, AE settings, data and seed. ``autoencoder.checkpoint_every``
     is bookkeeping and left out (files saved before it existed stay valid)."""
-    settings = {k: v for k, v in config.autoencoder.to_dict().items() if k != "checkpoint_every"}
-    return {"system": config.system.to_dict(), "autoencoder": settings,
+    return {"system": config.system.to_dict(), "autoencoder": _autoencoder_settings(config.autoencoder.to_dict()),
             "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
 
 
@@ -520,6 +519,12 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
 _BOOKKEEPING = ("log_every", "checkpoint_every", "monitor_every")
 
 
+def _autoencoder_settings(fields: dict) -> dict:
+    """The autoencoder section without ``checkpoint_every``, bookkeeping added after
+    autoencoders and results were saved (``log_every`` stays: saved files hold it)."""
+    return {k: v for k, v in fields.items() if k != "checkpoint_every"}
+
+
 # Fields added after results were saved: at these values they are left out of
 # saved settings, so that older files stay valid.
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
@@ -540,6 +545,7 @@ def _normalised(settings: dict) -> dict:
     name = model.get("name")
     train = {k: v for k, v in settings.get("train", {}).items() if k not in _BOOKKEEPING}
     return dict(settings, train=_without_later_defaults("train", train),
+                autoencoder=_autoencoder_settings(settings.get("autoencoder", {})),
                 data=_without_later_defaults("data", settings.get("data", {})), model={"name": name, name: model.get(name)})
 
 

@@ -1,5 +1,6 @@
 """Smoke runs of every config end to end; determinism; the evaluation metric."""
 
+import glob
 import json
 import os
 import subprocess
@@ -71,6 +72,13 @@ def test_sweep_smoke_resumes(tmp_path):
     rows = sweep.rows(results)
     assert {"loss", "p", "budget", "seed", "test_error"} <= set(rows[0])
     assert sweep.run_sweep(config, str(tmp_path)) == results  # second call only reads
+    # bookkeeping is not part of a result's settings (results saved before
+    # autoencoder.checkpoint_every existed stay valid) and does not invalidate one
+    for path in glob.glob(os.path.join(str(tmp_path), "runs", "*", "result.json")):
+        with open(path) as f:
+            assert "checkpoint_every" not in json.load(f)["settings"]["autoencoder"]
+    config.autoencoder.checkpoint_every = 3
+    assert sweep.run_sweep(config, str(tmp_path)) == results
     config.train.lr = 1e-3
     with pytest.raises(RuntimeError, match="other settings"):
         sweep.run_sweep(config, str(tmp_path))
