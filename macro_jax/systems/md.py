@@ -17,11 +17,13 @@ each jitted block, which is then rerun with a larger list (or raises).
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+from absl import logging
 from jax_md import minimize, partition, space
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -128,8 +130,10 @@ def make_minimizer(
     insert = jax.jit(lambda key: random_insertion(key, n, box_size, min_distance))
 
     def initial(key):
-        positions = insert(key).reshape(n, 3)
-        extra = 0
+        start = time.perf_counter()
+        positions = jax.block_until_ready(insert(key)).reshape(n, 3)
+        inserted = time.perf_counter()
+        extra, steps, max_force = 0, 0, float("nan")
         nbrs = neighbor_fn.allocate(positions)
         state = init_fn(positions, neighbor=nbrs)
         for _ in range(0, max_steps, chunk):
@@ -144,8 +148,12 @@ def make_minimizer(
                 nbrs = neighbor_fn.allocate(state.position, extra_capacity=extra)
                 state = init_fn(state.position, neighbor=nbrs)  # forces from a complete list
             state, nbrs = new_state, new_nbrs
-            if float(jnp.max(jnp.abs(state.force))) < force_tol:
+            steps += chunk
+            max_force = float(jnp.max(jnp.abs(state.force)))
+            if max_force < force_tol:
                 break
+        logging.info("md: %d atoms inserted in %.1f s, FIRE %d steps in %.1f s (max |force| %.2e)", n,
+                     inserted - start, steps, time.perf_counter() - inserted, max_force)
         return state.position.reshape(-1).astype(dtype)
 
     return initial
@@ -355,7 +363,9 @@ def make_lj_dataset(
 
     run = make_nve(calc, dt, n_steps, save_every=save_every, dtype=dtype, **(nve_kwargs or {}))
     size = batch_size or n_runs
-    parts = [run(x0[i: i + size])[0] for i in range(0, n_runs, size)]
+    start = time.perf_counter()
+    parts = [jax.block_until_ready(run(x0[i: i + size])[0]) for i in range(0, n_runs, size)]
+    logging.info("md: %d NVE runs of %d steps (%d atoms) in %.1f s", n_runs, n_steps, n, time.perf_counter() - start)
     forces = None if parts[0].forces is None else jnp.concatenate([p.forces for p in parts])
     traj = Trajectories(parts[0].times, jnp.concatenate([p.xs for p in parts]), forces)
     return MDDataset(traj, T0)
