@@ -134,18 +134,21 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
         lambda b, p: jax.lax.dynamic_update_slice_in_dim(b, p, lo, 0), buf, part), donate_argnums=0)
     compiled, out, account = {}, None, ForceAccount(n_forces, 0.0)
     for lo, hi in pool_lib.chunks(n, chunk):
-        xs, s = pool_lib.take(pool, indices[lo:hi]), sites[lo:hi]
+        xs, s = jax.block_until_ready((pool_lib.take(pool, indices[lo:hi]), sites[lo:hi]))
         if hi - lo not in compiled:
             labels_aval = jax.eval_shape(label, xs, s)
             compiled[hi - lo] = (jax.jit(label).lower(xs, s).compile(), jax.jit(prep).lower(xs, labels_aval, s).compile())
         label_c, prep_c = compiled[hi - lo]
+        # Dispatch is asynchronous and the queue runs in order: everything else in
+        # this loop is waited for, so that no queued work (this chunk's transfer,
+        # the previous chunk's loss inputs) is counted as force seconds.
         start = time.perf_counter()
         labels = jax.block_until_ready(label_c(xs, s))
         account.seconds += time.perf_counter() - start
-        part = prep_c(xs, labels, s)
+        part = jax.block_until_ready(prep_c(xs, labels, s))
         if out is None:
             out = jax.tree_util.tree_map(lambda p: jnp.zeros((n, *p.shape[1:]), p.dtype), part)
-        out = write(out, part, lo)
+        out = jax.block_until_ready(write(out, part, lo))
     check_geometry(out)
     return out, account
 
