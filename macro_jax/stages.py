@@ -40,36 +40,31 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``RssAnon``) in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
-
-
-SAMPLE_SECONDS = 0.02
-
-
-def _anon_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def _peak_rss_bytes() -> int:
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+
+
+SAMPLE_SECONDS = 0.02
+
+
 class _AnonPeak:
     """Samples ``RssAnon`` on a daemon thread until ``stop()``; the maximum seen."""
 
     def __init__(self):
-        self.peak = _anon_rss_bytes()
+        self.peak = _status_bytes("RssAnon")
         self._done = threading.Event()
         self._thread = None
         if self.peak is not None:
@@ -78,13 +73,13 @@ class _AnonPeak:
 
     def _run(self):
         while not self._done.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, _anon_rss_bytes() or 0)
+            self.peak = max(self.peak, _status_bytes("RssAnon") or 0)
 
     def stop(self) -> int | None:
         if self._thread is not None:
             self._done.set()
             self._thread.join()
-            self.peak = max(self.peak, _anon_rss_bytes() or 0)
+            self.peak = max(self.peak, _status_bytes("RssAnon") or 0)
         return self.peak
 
 
