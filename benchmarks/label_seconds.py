@@ -33,7 +33,7 @@ import macro_jax  # noqa: E402,F401
 from benchmarks import common  # noqa: E402
 from macro_jax import data, experiment  # noqa: E402
 from macro_jax import pool as pool_lib  # noqa: E402
-from macro_jax.config import parse_run, run_settings, subset_size  # noqa: E402
+from macro_jax.config import parse_run, run_settings  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's workdir (its data).")
@@ -46,16 +46,11 @@ def label_seconds(config, workdir: str) -> list[dict]:
     n_pool, chunk = pool_lib.n_configs(pool), int(config.train.precompute_chunk)
     rows = []
     for spec in config.train.runs:
-        loss, p = parse_run(spec)
-        k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
-        n = int(config.train.budget) // k
+        loss, _ = parse_run(spec)
+        k, n = experiment.run_size(system, spec, config.train.budget, n_pool)
         indices = experiment.config_indices(config, run_settings(config, loss), n_pool, n)
-        if loss == "xp":
-            sites = data.draw_sites(system, jr.PRNGKey(0), n, k)
-            fn = jax.jit(jax.vmap(system.subset_force_fn))
-        else:
-            sites = None
-            fn = jax.jit(lambda xs, _: jax.vmap(system.force_fn)(xs))
+        sites = data.draw_sites(system, jr.PRNGKey(0), n, k) if loss == "xp" else None
+        fn = jax.jit(data.labeller(system, loss))
         seconds = 0.0
         for lo, hi in pool_lib.chunks(n, chunk):
             xs = jax.block_until_ready(pool_lib.take(pool, indices[lo:hi]))

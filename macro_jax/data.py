@@ -108,6 +108,14 @@ def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, site
     return samples
 
 
+def labeller(system: MicroSystem, loss: str):
+    """``label(xs, sites)`` for a batch of configurations: the forces of ``sites``
+    only (the subset calculator) for ``xp``, all forces otherwise (``sites`` unused)."""
+    if loss == "xp":
+        return jax.vmap(system.subset_force_fn)
+    return lambda xs, _: jax.vmap(system.force_fn)(xs)
+
+
 def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, indices, sites=None,
                          chunk: int = 256):
     """Labels the configurations ``pool[indices]`` and builds their loss inputs,
@@ -122,12 +130,8 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
     indices = np.asarray(indices)
     n = indices.shape[0]
     sites = _no_sites(n) if sites is None else jnp.asarray(sites)
-    if loss == "xp":
-        label = jax.vmap(system.subset_force_fn)
-        n_forces = int(sites.size)
-    else:
-        label = lambda xs, _: jax.vmap(system.force_fn)(xs)
-        n_forces = n * system.n_sites
+    label = labeller(system, loss)
+    n_forces = int(sites.size) if loss == "xp" else n * system.n_sites
     one = _sample_fn(ae, method, system, loss)
     prep = jax.vmap(one)
     write = jax.jit(lambda buf, part, lo: jax.tree_util.tree_map(

@@ -388,6 +388,21 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
 
 
+def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[int, int]:
+    """``(k, n)`` of a run: sites labelled per configuration (all for ``z``/``x``,
+    ``p n_sites`` for ``xp``) and configurations, ``budget // k``; raises
+    ``ConfigError`` if the pool (``n_pool`` configurations) cannot supply them."""
+    loss, p = parse_run(spec)
+    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
+    n = int(budget // k)
+    if n < 1 or n > n_pool:
+        raise ConfigError(
+            f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
+            f"{n_pool} (data.n_pool_trajectories, data.pool_keep_above) and at least 1 is needed"
+        )
+    return k, n
+
+
 def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
     """Trains one ensemble (a member per seed) with one loss at one force budget,
     in ``workdir/runs/<run_name(spec, budget, tag)>``.
@@ -399,14 +414,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     loss, p = parse_run(spec)
     system, ae = prep.system, prep.ae
     cfg = run_settings(config, loss)
-    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
-    n = int(budget // k)
     n_pool = pool_lib.n_configs(prep.pool)
-    if n < 1 or n > n_pool:
-        raise ConfigError(
-            f"train.budget={budget} with {spec!r} needs {n} configurations; the pool has "
-            f"{n_pool} (data.n_pool_trajectories, data.pool_keep_above) and at least 1 is needed"
-        )
+    k, n = run_size(system, spec, budget, n_pool)
     name = run_name(spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     seeds = tuple(cfg.seeds)

@@ -129,9 +129,10 @@ def pinv_rows(chol: jax.Array, cols: jax.Array, g: jax.Array) -> jax.Array:
     The d x d solve, where the conditioning of J bites, runs in float64. The
     product with the stored block ``J[:, I]`` runs in that block's dtype: its
     rounding error is of the order of the error already made when the block
-    was stored (eps |J_I| |y| either way), while a float64 product would cost
-    ~7x more per training step on XLA CPU (0.27 s vs 0.04 s for 5,120 samples
-    of 300 x 32; batched float64 dots do not vectorise there).
+    was stored (eps |J_I| |y| either way), and batched float64 dots do not
+    vectorise on XLA CPU (0.27 s vs 0.04 s for 5,120 blocks of 300 x 32). The
+    training loss does not call this: ``losses.loss_xp`` reads float64
+    products of the block instead (``data.partial_sample``).
     """
     return cols.T @ solve_gram(chol, g).astype(cols.dtype)
 
