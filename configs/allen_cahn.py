@@ -6,6 +6,11 @@ with 2,500 grid points each (p = 1/16): 1e8 force computations each; OnsagerNet,
 
   python experiments/train.py --config configs/allen_cahn.py --workdir workdirs/allen_cahn
 
+Error vs force budget (3e6 ... 1e8 for both losses, same workdir: the 1e8
+runs of the command above are reused, not retrained):
+  python experiments/sweep.py --config configs/allen_cahn.py --workdir workdirs/allen_cahn \
+      --out docs/results/allen_cahn_budgets.json
+
 The pool (400 trajectories x 400 frames, ~9 GB after the energy filter) is
 written block by block to workdir/data/pool/ and read memory-mapped; an
 interrupted generation or training run resumes when started again.
@@ -70,6 +75,11 @@ def get_config(variant: str = ""):
     c.train.checkpoint_every = 50
     c.train.log_every = 10
 
+    # Error vs force budget (experiments/sweep.py): both losses at equal counts;
+    # L_z 75 ... 2,500 configurations, L_x,p 1,200 ... 40,000.
+    c.sweep.runs = c.train.runs
+    c.sweep.budgets = (3_000_000, 10_000_000, 30_000_000, 100_000_000)
+
     # Test frames are 2.5e-4 apart; the latent RK4 step is 2.5e-5, 10x the microscopic one.
     c.eval.substeps = 10
     c.eval.relative_floor = 1e-4
@@ -97,6 +107,7 @@ def get_config(variant: str = ""):
         c.train.precompute_chunk = 64
         c.train.checkpoint_every = 0
         c.train.log_every = 1
+        c.sweep.budgets = (4 * 256, c.train.budget)
         c.eval.substeps = 2
     elif variant:
         raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '' or 'smoke'")

@@ -464,6 +464,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "n_failed_rollouts": int(np.sum(~np.isfinite(np.asarray(errors)))),
         "train_seconds": train_seconds,
         "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
+        # what the numbers depend on: a sweep in the same workdir reuses this run (cached_run)
+        "settings": _settings(config, spec),
     }
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
@@ -581,10 +583,7 @@ def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str 
             raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
         logging.info("%s: reusing %s", name, path)
         return result
-    result = public(run_loss(get_prep(), config, spec, budget, workdir, tag))
-    result["settings"] = settings
-    write_json(path, result)
-    return result
+    return public(run_loss(get_prep(), config, spec, budget, workdir, tag))
 
 
 def memo_prepare(config, workdir: str):

@@ -158,6 +158,21 @@ def test_smoke_run_streams_a_filtered_block_pool(smoke):
     np.testing.assert_allclose(prep.test.obs[:, 0], jax.vmap(prep.system.observable_fn)(prep.test.x0), rtol=1e-6)
 
 
+def test_budget_sweep_reuses_the_protocol_runs(smoke):
+    """experiments/sweep.py in the protocol's workdir retrains only the new budgets."""
+    from macro_jax import sweep
+
+    workdir, config, results, _ = smoke
+    swept = sweep.run_sweep(config, workdir)
+    assert sorted((r["run"], r["budget"]) for r in swept) == sorted(
+        (spec, b) for spec in config.train.runs for b in config.sweep.budgets)
+    for r in results:  # the protocol's budget: read back, same numbers
+        (same,) = [s for s in swept if s["run"] == r["run"] and s["budget"] == r["budget"]]
+        assert same["test_errors"] == r["test_errors"]
+    for r in swept:
+        assert r["n_force_computations"] == r["budget"] and np.all(np.isfinite(r["test_errors"]))
+
+
 def test_interrupted_pool_generation_resumes_at_the_missing_block(smoke, tmp_path):
     import os
     import shutil
