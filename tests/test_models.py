@@ -94,7 +94,8 @@ def test_gfinn_generic_structure_holds_by_construction():
         assert float(jnp.min(jnp.linalg.eigvalsh(m_op.astype(jnp.float64)))) > -1e-6 * scale
         np.testing.assert_allclose(l_op @ grad_s, 0.0, atol=1e-6 * scale * float(jnp.linalg.norm(grad_s)))
         np.testing.assert_allclose(m_op @ grad_e, 0.0, atol=1e-6 * scale * float(jnp.linalg.norm(grad_e)))
-        g = net(0.0, z)
+        g = net(0.0, z)  # matrix-vector products only: the same field as the operators
+        np.testing.assert_allclose(g, l_op @ grad_e + m_op @ grad_s, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(g))))
         assert abs(float(grad_e @ g)) < 1e-5 * float(jnp.linalg.norm(grad_e) * jnp.linalg.norm(g))
         assert float(grad_s @ g) > -1e-5 * float(jnp.linalg.norm(grad_s) * jnp.linalg.norm(g))
 

@@ -154,14 +154,26 @@ class _GenericBracket(eqx.Module):
     def grad(self, z):
         return jax.grad(lambda z: self.scalar(z)[0])(z)
 
-    def operator(self, z, grad_f):
+    def _factors(self, z, grad_f):
+        """``(B, C)``: B (K, d) of rows ``grad F^T xi_k`` (so ``B grad F = 0``), C (K, K)."""
         upper = jnp.triu(self.xi, 1)
         xi = upper - jnp.swapaxes(upper, 1, 2)  # (K, d, d) skew
-        b = jnp.einsum("i,kij->kj", grad_f, xi)  # rows grad F^T xi_k, so B grad F = 0
+        b = jnp.einsum("i,kij->kj", grad_f, xi)
         rank = self.xi.shape[0]
-        c = self.sigma_net(z).reshape(rank, rank)
+        return b, self.sigma_net(z).reshape(rank, rank)
+
+    def operator(self, z, grad_f):
+        """The d x d operator ``B^T Sigma B`` (for inspection and tests)."""
+        b, c = self._factors(z, grad_f)
         sigma = c @ c.T if self.symmetric else c - c.T
         return b.T @ sigma @ b
+
+    def apply(self, z, grad_f, v):
+        """``operator(z, grad_f) @ v`` by matrix-vector products only (the field's path)."""
+        b, c = self._factors(z, grad_f)
+        u = b @ v
+        w = c @ (c.T @ u) if self.symmetric else c @ u - c.T @ u
+        return b.T @ w
 
 
 class GFINN(eqx.Module):
@@ -193,8 +205,9 @@ class GFINN(eqx.Module):
         return self.poisson.operator(z, grad_s), self.friction.operator(z, grad_e), grad_e, grad_s
 
     def __call__(self, t, z, args=None):
-        l_op, m_op, grad_e, grad_s = self.operators(z)
-        return l_op @ grad_e + m_op @ grad_s
+        grad_s = self.poisson.grad(z)
+        grad_e = self.friction.grad(z)
+        return self.poisson.apply(z, grad_s, grad_e) + self.friction.apply(z, grad_e, grad_s)
 
 
 class NormalisedField(eqx.Module):
