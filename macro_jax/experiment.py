@@ -7,13 +7,16 @@ at ``config.train.budget`` and writes, under ``workdir``::
     data/pool.npz, data/test.npz          trajectories (+ .json metadata, checksums)
     autoencoder/model.eqx  stage-1 weights (+ .json), history.json
     runs/<run>/members.eqx latent members (+ .json), history.npz (with monitor/* curves
-                           when train.monitor_every > 0), result.json
+                           when train.monitor_every > 0), result.json (with the
+                           settings it was made with), rollouts.npz (+ .json)
     results.json           one object per loss
     stages.json            wall seconds and peak memory of each stage (macro_jax/stages.py)
     rollout.png            one test trajectory: truth vs each loss
     table.txt              the printed result table
 
-Everything is reused on a second call when its metadata matches the config.
+Everything is reused on a second call when its metadata matches the config,
+finished runs included (reported from result.json and rollouts.npz); a run
+finished with other settings is an error, never overwritten.
 """
 
 from __future__ import annotations
@@ -403,6 +406,13 @@ def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[
     return k, n
 
 
+def _members(config, cfg, latent_dim: int):
+    """(initial nets with a leading member axis, label keys, shuffle keys), one per seed."""
+    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in cfg.seeds)))
+    nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, latent_dim, key=kk))(init_keys)
+    return nets, label_keys, shuffle_keys
+
+
 def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
     """Trains one ensemble (a member per seed) with one loss at one force budget,
     in ``workdir/runs/<run_name(spec, budget, tag)>``.
@@ -419,8 +429,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     name = run_name(spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     seeds = tuple(cfg.seeds)
-    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in seeds)))
-    nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, ae.latent_dim, key=kk))(init_keys)
+    nets, label_keys, shuffle_keys = _members(config, cfg, ae.latent_dim)
     n_members = len(seeds)
     indices = config_indices(config, cfg, n_pool, n)
     with stages.stage(f"{name}: labels and precompute"):
@@ -469,6 +478,9 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     }
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
+    # the members' test rollouts (observables), so that a finished run is reported without retraining
+    checkpoint.save_arrays(os.path.join(run_dir, ROLLOUTS), {"pred_obs": np.asarray(pred_obs)},
+                           {"run": spec, "budget": int(budget), "settings": result["settings"]})
     np.savez(os.path.join(run_dir, "history.npz"), **history)
     write_json(os.path.join(run_dir, "result.json"), result)
     monitor_path = resume_path + ".monitor.npz"
@@ -517,6 +529,9 @@ def _make_monitor(prep: Prepared, config, nets, stats, held):
     monitor = diagnostics.make_monitor(eqx.partition(nets, eqx.is_array)[1], stats, samples, prep.ae, prep.test,
                                        substeps=config.eval.substeps, relative_floor=config.eval.relative_floor)
     return monitor, account.n_forces
+
+
+ROLLOUTS = "rollouts.npz"  # a finished run's test rollouts, beside its result.json
 
 
 def run_name(spec: str, budget: int, tag: str = "") -> str:
@@ -568,22 +583,71 @@ def _settings(config, spec) -> dict:
     return _normalised(json.loads(json.dumps(settings, default=str)))
 
 
-def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:
-    """``run_loss``'s public result, read from ``runs/<name>/result.json`` when a run
-    with the same settings finished there before (so long grids resume and can be
-    split over processes sharing ``workdir``). ``get_prep()`` returns the
-    ``Prepared`` data, called only when a run must train."""
+def finished_run(config, spec: str, budget: int, workdir: str, tag: str = "") -> dict | None:
+    """The public result of a run that finished in ``workdir/runs/<name>/`` with the
+    same settings, or None if none finished there; a run finished with other
+    settings is an error (results are never silently mixed or overwritten).
+    Settings do not cover the code: after changing it, use a fresh workdir."""
     name = run_name(spec, budget, tag)
     path = os.path.join(workdir, "runs", name, "result.json")
-    settings = _settings(config, spec)
-    if os.path.exists(path):
-        with open(path) as f:
-            result = json.load(f)
-        if _normalised(result.get("settings") or {}) != settings:
-            raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
-        logging.info("%s: reusing %s", name, path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    if _normalised(result.get("settings") or {}) != _settings(config, spec):
+        raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
+    logging.info("%s: reusing %s", name, path)
+    return result
+
+
+def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:
+    """``run_loss``'s public result, read back when the run finished in ``workdir``
+    before (``finished_run``: long grids resume and can be split over processes
+    sharing ``workdir``). ``get_prep()`` returns the ``Prepared`` data, called
+    only when a run must train."""
+    result = finished_run(config, spec, budget, workdir, tag)
+    if result is not None:
         return result
     return public(run_loss(get_prep(), config, spec, budget, workdir, tag))
+
+
+def _reevaluated(prep: Prepared, config, spec: str, budget: int, run_dir: str, result: dict) -> np.ndarray:
+    """Test rollouts of a run that finished before ``rollouts.npz`` was saved:
+    its saved members, with the normalisation its labels give (labelled again
+    as the run drew them). The errors must equal the run's own, else this code
+    no longer reproduces the run and it is refused."""
+    loss, _ = parse_run(spec)
+    cfg = run_settings(config, loss)
+    n_pool = pool_lib.n_configs(prep.pool)
+    k, n = run_size(prep.system, spec, budget, n_pool)
+    skeleton, label_keys, _ = _members(config, cfg, prep.ae.latent_dim)
+    nets = checkpoint.load_model(os.path.join(run_dir, "members.eqx"), skeleton)
+    stats = _labels(prep, config, cfg, loss, config_indices(config, cfg, n_pool, n), n, k, label_keys,
+                    len(cfg.seeds))[2]
+    errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, prep.ae, prep.test.x0, prep.test.obs,
+                                                    prep.test.times, substeps=config.eval.substeps,
+                                                    relative_floor=config.eval.relative_floor)
+    member_errors = np.asarray(jnp.mean(errors, axis=1), dtype=np.float64)
+    if not np.allclose(member_errors, result["test_errors"], rtol=1e-4, atol=0.0):
+        raise RuntimeError(f"{run_dir}: re-evaluated errors {member_errors.tolist()} differ from the saved "
+                           f"{result['test_errors']}; the code changed since the run, use a fresh --workdir")
+    return np.asarray(pred_obs)
+
+
+def _reported_run(prep: Prepared, config, spec: str, workdir: str) -> dict:
+    """``run_loss`` at ``train.budget``, or the finished run read back with its test rollouts."""
+    budget = config.train.budget
+    result = finished_run(config, spec, budget, workdir)
+    if result is None:
+        return run_loss(prep, config, spec, budget, workdir)
+    run_dir = os.path.join(workdir, "runs", run_name(spec, budget))
+    path, meta = os.path.join(run_dir, ROLLOUTS), {"run": spec, "budget": int(budget), "settings": result["settings"]}
+    if os.path.exists(path):
+        pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]
+    else:
+        pred_obs = _reevaluated(prep, config, spec, budget, run_dir, result)
+        checkpoint.save_arrays(path, {"pred_obs": pred_obs}, meta)
+    return dict(result, _pred_obs=pred_obs, _true_obs=np.asarray(prep.test.obs))
 
 
 def memo_prepare(config, workdir: str):
@@ -651,7 +715,7 @@ def train_and_evaluate(config, workdir: str) -> list[dict]:
     """Runs every loss of ``config.train.runs`` at ``config.train.budget``; see module doc."""
     first_stage = len(stages.records())  # this call's stages only, whatever ran before in the process
     prep = prepare(config, workdir)
-    results = [run_loss(prep, config, spec, config.train.budget, workdir) for spec in config.train.runs]
+    results = [_reported_run(prep, config, spec, workdir) for spec in config.train.runs]
     write_json(os.path.join(workdir, "results.json"), [public(r) for r in results])
     write_json(os.path.join(workdir, "stages.json"), stages.records()[first_stage:])  # seconds, peak memory
     table = format_table(results)

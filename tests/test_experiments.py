@@ -50,6 +50,50 @@ def test_same_config_same_numbers(smoke_run, tmp_path):
         assert a["final_train_loss"] == b["final_train_loss"]
 
 
+def test_second_call_reports_finished_runs_without_training(smoke_run, monkeypatch):
+    workdir, config, results = smoke_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(experiment, "run_loss", no_training)
+    again = experiment.train_and_evaluate(config, workdir)
+    for a, b in zip(results, again):
+        assert experiment.public(a) == experiment.public(b)
+        np.testing.assert_array_equal(a["_pred_obs"], b["_pred_obs"])
+    changed = predator_prey.get_config("smoke")
+    changed.train.lr = 0.5 * config.train.lr
+    with pytest.raises(RuntimeError, match="other settings"):
+        experiment.train_and_evaluate(changed, workdir)
+
+
+def test_finished_run_without_saved_rollouts_is_re_evaluated_and_checked(smoke_run, tmp_path, monkeypatch):
+    """Runs finished before rollouts.npz existed: the saved members are evaluated
+    again and must reproduce the saved errors."""
+    import shutil
+
+    workdir, config, results = smoke_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    for path in glob.glob(os.path.join(copy, "runs", "*", "rollouts.npz*")):
+        os.remove(path)
+    monkeypatch.setattr(experiment, "run_loss", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = experiment.train_and_evaluate(config, copy)
+    for a, b in zip(results, again):
+        np.testing.assert_allclose(b["_pred_obs"], a["_pred_obs"], rtol=1e-6)
+    assert len(glob.glob(os.path.join(copy, "runs", "*", "rollouts.npz"))) == len(results)  # saved this time
+    # a saved error this code does not reproduce is refused
+    (first,) = glob.glob(os.path.join(copy, "runs", "z_*", "result.json"))
+    os.remove(os.path.join(os.path.dirname(first), "rollouts.npz"))
+    with open(first) as f:
+        saved = json.load(f)
+    saved["test_errors"] = [2.0 * e for e in saved["test_errors"]]
+    with open(first, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(RuntimeError, match="re-evaluated errors"):
+        experiment.train_and_evaluate(config, copy)
+
+
 def test_corrupt_data_file_is_reported(smoke_run, tmp_path):
     workdir, config, _ = smoke_run
     import shutil
