@@ -541,8 +541,9 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
     return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
 
 
-# train fields that change how a run is logged or saved, not its numbers
-_BOOKKEEPING = ("log_every", "checkpoint_every", "monitor_every")
+# train fields that change how a run is logged or saved, not its numbers, and
+# those that choose which runs a call makes (a run's own budget is in its name)
+_BOOKKEEPING = ("log_every", "checkpoint_every", "monitor_every", "runs", "budget")
 
 
 def _autoencoder_settings(fields: dict) -> dict:

@@ -61,6 +61,10 @@ def test_second_call_reports_finished_runs_without_training(smoke_run, monkeypat
     for a, b in zip(results, again):
         assert experiment.public(a) == experiment.public(b)
         np.testing.assert_array_equal(a["_pred_obs"], b["_pred_obs"])
+    one = predator_prey.get_config("smoke")  # which runs a call makes is not a run's setting
+    one.train.runs = config.train.runs[-1:]
+    (only,) = experiment.train_and_evaluate(one, workdir)
+    assert only["test_errors"] == results[-1]["test_errors"]
     changed = predator_prey.get_config("smoke")
     changed.train.lr = 0.5 * config.train.lr
     with pytest.raises(RuntimeError, match="other settings"):
