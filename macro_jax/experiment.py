@@ -439,14 +439,15 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
         monitor, n_diagnostic_forces = _make_monitor(prep, config, nets, stats, holdout_indices(config, n_pool, indices))
-    start = time.perf_counter()
     run_dir = os.path.join(workdir, "runs", name)
     resume_path = os.path.join(run_dir, "resume.eqx")
+    settings = _settings(config, spec)
+    start = time.perf_counter()
     with stages.stage(f"{name}: training"):
         nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
                                              per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
                                              resume_path=resume_path,
-                                             resume_expect={"settings": _settings(config, spec)}, monitor=monitor)
+                                             resume_expect={"settings": settings}, monitor=monitor)
     train_seconds = time.perf_counter() - start
     with stages.stage(f"{name}: evaluation"):
         errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
@@ -473,14 +474,14 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "n_failed_rollouts": int(np.sum(~np.isfinite(np.asarray(errors)))),
         "train_seconds": train_seconds,
         "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
-        # what the numbers depend on: a sweep in the same workdir reuses this run (cached_run)
-        "settings": _settings(config, spec),
+        # what the numbers depend on: later calls in the same workdir reuse this run (finished_run)
+        "settings": settings,
     }
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
     # the members' test rollouts (observables), so that a finished run is reported without retraining
     checkpoint.save_arrays(os.path.join(run_dir, ROLLOUTS), {"pred_obs": np.asarray(pred_obs)},
-                           {"run": spec, "budget": int(budget), "settings": result["settings"]})
+                           _rollouts_meta(spec, budget, settings))
     np.savez(os.path.join(run_dir, "history.npz"), **history)
     write_json(os.path.join(run_dir, "result.json"), result)
     monitor_path = resume_path + ".monitor.npz"
@@ -532,6 +533,10 @@ def _make_monitor(prep: Prepared, config, nets, stats, held):
 
 
 ROLLOUTS = "rollouts.npz"  # a finished run's test rollouts, beside its result.json
+
+
+def _rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
+    return {"run": spec, "budget": int(budget), "settings": settings}
 
 
 def run_name(spec: str, budget: int, tag: str = "") -> str:
@@ -642,7 +647,7 @@ def _reported_run(prep: Prepared, config, spec: str, workdir: str) -> dict:
     if result is None:
         return run_loss(prep, config, spec, budget, workdir)
     run_dir = os.path.join(workdir, "runs", run_name(spec, budget))
-    path, meta = os.path.join(run_dir, ROLLOUTS), {"run": spec, "budget": int(budget), "settings": result["settings"]}
+    path, meta = os.path.join(run_dir, ROLLOUTS), _rollouts_meta(spec, budget, result["settings"])
     if os.path.exists(path):
         pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]
     else:
