@@ -15,7 +15,12 @@ The pool (400 trajectories x 400 frames, ~9 GB after the energy filter) is
 written block by block to workdir/data/pool/ and read memory-mapped; an
 interrupted generation or training run resumes when started again.
 Variants (config argument after the colon):
-  :smoke  a 16 x 16 grid, seconds; used by the test suite.
+  :smoke       a 16 x 16 grid, seconds; used by the test suite.
+  :importance  adds "xp:1/16:importance" to the runs and the sweep: L_x,p whose
+               2,500 points per configuration are drawn from the interface
+               proposal (half uniform, half (1 - u^2)^2) and weighted by
+               1 / (N q), at the same force counts. Our improvement, not the
+               paper's protocol; the protocol's runs are reused from the workdir.
 """
 
 from configs import base
@@ -84,7 +89,10 @@ def get_config(variant: str = ""):
     c.eval.substeps = 10
     c.eval.relative_floor = 1e-4
 
-    if variant == "smoke":
+    if variant == "importance":
+        c.train.runs = ("z", "xp:1/16", "xp:1/16:importance")
+        c.sweep.runs = c.train.runs
+    elif variant == "smoke":
         c.system.params.n_grid = 16
         c.system.params.interface_cells = 3.0
         c.system.params.batch_size = 2
@@ -110,5 +118,5 @@ def get_config(variant: str = ""):
         c.sweep.budgets = (4 * 256, c.train.budget)
         c.eval.substeps = 2
     elif variant:
-        raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '' or 'smoke'")
+        raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '', 'importance' or 'smoke'")
     return c

@@ -96,7 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     # Losses to run, each "z" (L_z, all forces), "x" (L_x, all forces) or
     # "xp:<p>" (L_x,p with a fraction p of the sites per configuration,
-    # drawn uniformly without replacement, weight 1/p).
+    # drawn uniformly without replacement, weight 1/p) or "xp:<p>:importance"
+    # (k = p N i.i.d. draws from the system's site proposal q, each weighted
+    # by 1/(N q); systems with a site_proposal_fn only).
     c.train.runs = ("z", "xp:0.2")
     # Force budget per seed, in site forces (atoms or grid coordinates).
     # A run uses budget / n_sites configurations (z, x) or budget / k (xp).

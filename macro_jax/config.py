@@ -17,14 +17,25 @@ class ConfigError(ValueError):
     """A config value is out of range; the message names the field."""
 
 
+SITE_SAMPLINGS = ("uniform", "importance")
+
+
+def _split_run(spec: str) -> tuple[str, str, str]:
+    loss, _, rest = str(spec).partition(":")
+    p_text, _, sampling = rest.partition(":")
+    return loss, p_text, sampling
+
+
 def parse_run(spec: str) -> tuple[str, float]:
-    """``"z"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"`` or ``"xp:1/5"`` -> (xp, 0.2)."""
-    loss, _, p_text = str(spec).partition(":")
+    """``"z"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"``, ``"xp:1/5"`` or
+    ``"xp:1/5:importance"`` -> (xp, 0.2). The optional third field is the site
+    sampling (``site_sampling``)."""
+    loss, p_text, sampling = _split_run(spec)
     if loss not in LOSSES:
         raise ConfigError(f"train.runs entry {spec!r}: loss {loss!r} is not one of {list(LOSSES)}")
     if loss != "xp":
-        if p_text:
-            raise ConfigError(f"train.runs entry {spec!r}: only 'xp' takes a fraction p")
+        if p_text or sampling:
+            raise ConfigError(f"train.runs entry {spec!r}: only 'xp' takes a fraction p and a site sampling")
         return loss, 1.0
     try:
         p = float(Fraction(p_text))
@@ -32,7 +43,18 @@ def parse_run(spec: str) -> tuple[str, float]:
         raise ConfigError(f"train.runs entry {spec!r}: p must be a number in (0, 1], e.g. 'xp:0.2' or 'xp:1/5'")
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"train.runs entry {spec!r}: p = {p} must be in (0, 1]")
+    if sampling and sampling not in SITE_SAMPLINGS:
+        raise ConfigError(f"train.runs entry {spec!r}: site sampling {sampling!r} is not one of {list(SITE_SAMPLINGS)}")
     return loss, p
+
+
+def site_sampling(spec: str) -> str:
+    """How an ``xp`` run draws its sites: ``"uniform"`` (default: k distinct sites,
+    uniformly, the paper's) or ``"importance"`` (``"xp:<p>:importance"``: k i.i.d.
+    draws from the system's proposal, each weighted by 1 / (n_sites q); an
+    improvement of ours, not the paper's protocol)."""
+    parse_run(spec)
+    return _split_run(spec)[2] or "uniform"
 
 
 def subset_size(p: float, n_sites: int, spec: str = "") -> int:

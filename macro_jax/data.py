@@ -21,7 +21,7 @@ import numpy as np
 
 from macro_jax import jacobian
 from macro_jax import pool as pool_lib
-from macro_jax.systems.base import MicroSystem, sample_sites
+from macro_jax.systems.base import MicroSystem, sample_sites, sample_sites_weighted
 
 
 @dataclasses.dataclass
@@ -57,6 +57,19 @@ def draw_sites(system: MicroSystem, key, n_configs: int, k: int, chunk: int = 10
     return jax.jit(lambda keys: jax.lax.map(lambda kk: sample_sites(kk, system.n_sites, k), keys, batch_size=chunk))(keys)
 
 
+def draw_weighted_sites(system: MicroSystem, pool, indices, key, k: int, chunk: int = 1024):
+    """k sites for each configuration ``pool[indices]``, i.i.d. from the system's
+    proposal ``site_proposal_fn(x)`` (``sample_sites_weighted``), shape (n, k);
+    the configurations are streamed ``chunk`` at a time (read, never labelled)."""
+    if system.site_proposal_fn is None:
+        raise ValueError(f"{system.name} has no site proposal (site_proposal_fn): use uniform site sampling")
+    indices = np.asarray(indices)
+    keys = jr.split(key, indices.shape[0])
+    draw = jax.jit(jax.vmap(lambda x, kk: sample_sites_weighted(kk, system.site_proposal_fn(x), k)))
+    return jnp.concatenate([draw(jnp.asarray(pool_lib.take(pool, indices[lo:hi])), keys[lo:hi])
+                            for lo, hi in pool_lib.chunks(indices.shape[0], chunk)])
+
+
 def label_subset(system: MicroSystem, xs, sites, chunk: int = 256) -> tuple[jax.Array, ForceAccount]:
     """Forces of the coordinates owned by ``sites`` (n, k) only, shape (n, k * dofs_per_site),
     ``chunk`` configurations vmapped at a time."""
@@ -69,9 +82,10 @@ def _map(fn, *args, chunk):
     return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
 
 
-def _sample_fn(ae, method: str, system: MicroSystem, loss: str):
-    """``one(x, label, sites) -> dict``: the per-configuration loss inputs. Call it
-    inside the jitted region that maps over configurations."""
+def _sample_fn(ae, method: str, system: MicroSystem, loss: str, proposal=None):
+    """``one(x, label, sites) -> dict``: the per-configuration loss inputs
+    (``proposal``: see ``partial_sample``). Call it inside the jitted region
+    that maps over configurations."""
     geometry = jacobian.make_geometry_fn(ae, method)
     if loss == "z":
         return lambda x, f, _: {"z": ae.encode(x), "jf": jacobian.jacobian_times(ae, x, f)}
@@ -85,23 +99,25 @@ def _sample_fn(ae, method: str, system: MicroSystem, loss: str):
             return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
 
         return one
-    return lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s)
+    return lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s, proposal)
 
 
 def _no_sites(n: int):
     return jnp.zeros((n, 0), jnp.int32)
 
 
-def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, sites=None, chunk: int = 256):
+def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, sites=None, chunk: int = 256,
+               proposal=None):
     """Per-configuration arrays the stage-2 loss reads (see ``macro_jax.losses``).
 
     ``labels`` are full forces (n, N) for ``z``/``x`` and subset forces
-    (n, k * dofs_per_site) for ``xp`` (with ``sites`` (n, k)).
+    (n, k * dofs_per_site) for ``xp`` (with ``sites`` (n, k), drawn uniformly
+    or, with ``proposal``, from it: see ``partial_sample``).
     """
 
     @jax.jit
     def run(xs, labels, sites):
-        return _map(_sample_fn(ae, method, system, loss), xs, labels, sites, chunk=chunk)
+        return _map(_sample_fn(ae, method, system, loss, proposal), xs, labels, sites, chunk=chunk)
 
     samples = run(xs, labels, sites if sites is not None else _no_sites(xs.shape[0]))
     check_geometry(samples)
@@ -117,14 +133,15 @@ def labeller(system: MicroSystem, loss: str):
 
 
 def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, indices, sites=None,
-                         chunk: int = 256):
+                         chunk: int = 256, proposal=None):
     """Labels the configurations ``pool[indices]`` and builds their loss inputs,
     streaming ``chunk`` configurations at a time from ``pool`` (an array or a
     memory-mapped ``BlockPool``): neither the configurations nor their forces
     are ever held all at once, only the per-configuration samples.
 
     Full forces for ``z``/``x``; for ``xp`` the forces of ``sites`` (n, k) only,
-    by the subset calculator. Returns ``(samples, ForceAccount)``; the seconds
+    by the subset calculator (drawn from ``proposal``, if given: see
+    ``partial_sample``). Returns ``(samples, ForceAccount)``; the seconds
     are those of the force calls alone (compile excluded).
     """
     indices = np.asarray(indices)
@@ -132,7 +149,7 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
     sites = _no_sites(n) if sites is None else jnp.asarray(sites)
     label = labeller(system, loss)
     n_forces = int(sites.size) if loss == "xp" else n * system.n_sites
-    one = _sample_fn(ae, method, system, loss)
+    one = _sample_fn(ae, method, system, loss, proposal)
     prep = jax.vmap(one)
     write = jax.jit(lambda buf, part, lo: jax.tree_util.tree_map(
         lambda b, p: jax.lax.dynamic_update_slice_in_dim(b, p, lo, 0), buf, part), donate_argnums=0)
@@ -157,7 +174,7 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
     return out, account
 
 
-def partial_sample(geometry, system: MicroSystem, x, f_sub, sites):
+def partial_sample(geometry, system: MicroSystem, x, f_sub, sites, proposal=None):
     """The ``L_x,p`` inputs of one configuration labelled at ``sites`` (k of them).
 
     ``|f_I - J_I^T y|^2 = |f_I|^2 - 2 y.(J_I f_I) + y^T (J_I J_I^T) y`` for any
@@ -174,29 +191,50 @@ def partial_sample(geometry, system: MicroSystem, x, f_sub, sites):
     and ``T^2 - n_sites^2 (1 - k / n_sites) s_c^2 / k`` (``s_c^2`` the sample
     variance of the ``c_s``) under uniform sampling without replacement; the
     latent model's rate normalisation comes from them, never from full forces.
+
+    Importance sampling (``proposal(x) -> q``, the sites drawn i.i.d. from q):
+    site s enters every sum with the weight ``w_s = 1 / (n_sites q_s)`` (1 for
+    uniform q), so that ``(n_sites / k) sum_s w_s (...)_s`` is unbiased for the
+    sum over all sites; ``rate2`` is then ``T^2 - s_Y^2 / k`` with ``s_Y^2``
+    the sample variance of the per-draw estimates ``Y_s = n_sites w_s c_s``
+    (draws with replacement: no finite-population factor).
     """
     geo = geometry(x, system.site_dofs(sites))
     cols, f = geo.cols.astype(jnp.float64), f_sub.astype(jnp.float64)
     n, k = system.n_sites, sites.shape[0]
     c = (cols * f).reshape(cols.shape[0], k, system.dofs_per_site).sum(-1)  # (d, k) per-site contributions
-    jfi = c.sum(-1)
-    rate = (n / k) * jfi
-    spread = jnp.var(c, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
-    return {"z": geo.z, "chol": jacobian.cholesky(geo.gram), "jfi": jfi, "ff": jnp.sum(f**2),
-            "gram_i": cols @ cols.T, "rate": rate, "rate2": rate**2 - n**2 * (1.0 - k / n) * spread / k}
+    sample = {"z": geo.z, "chol": jacobian.cholesky(geo.gram)}
+    if proposal is None:
+        jfi = c.sum(-1)
+        rate = (n / k) * jfi
+        spread = jnp.var(c, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
+        return sample | {"jfi": jfi, "ff": jnp.sum(f**2), "gram_i": cols @ cols.T, "rate": rate,
+                         "rate2": rate**2 - n**2 * (1.0 - k / n) * spread / k}
+    w = 1.0 / (n * proposal(x).astype(jnp.float64)[sites])  # (k,)
+    w_dofs = jnp.repeat(w, system.dofs_per_site)
+    per_draw = n * c * w  # (d, k): unbiased estimates of J f, one per draw
+    rate = per_draw.mean(-1)
+    spread = jnp.var(per_draw, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
+    return sample | {"jfi": c @ w, "ff": jnp.sum(w_dofs * f**2), "gram_i": (cols * w_dofs) @ cols.T,
+                     "rate": rate, "rate2": rate**2 - spread / k}
 
 
-def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int):
+def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, importance: bool = False):
     """``batch_fn(xs, key)`` for the online mode: inside the jitted step, draw k
-    sites per configuration, evaluate their forces with the subset calculator
-    and build the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
+    sites per configuration (uniformly, or from the system's proposal with
+    ``importance``), evaluate their forces with the subset calculator and build
+    the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
+    proposal = system.site_proposal_fn if importance else None
 
     def batch_fn(xs, key):
         geometry = jacobian.make_geometry_fn(ae, method)
 
         def one(x, site_key):
-            sites = sample_sites(site_key, system.n_sites, k)
-            return partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites)
+            if proposal is None:
+                sites = sample_sites(site_key, system.n_sites, k)
+            else:
+                sites = sample_sites_weighted(site_key, proposal(x), k)
+            return partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites, proposal)
 
         return jax.vmap(one)(xs, jr.split(key, xs.shape[0]))
 

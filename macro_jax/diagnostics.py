@@ -296,7 +296,9 @@ def _unbroken(ax, x, y, lambdas, style, **kw) -> None:
 
 
 def _label(r: dict) -> str:
-    return r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
+    from macro_jax import experiment
+
+    return experiment.run_label(r)
 
 
 # ---------------------------------------------------------------- lambda_cond sweep

@@ -36,7 +36,7 @@ from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, stages, train
 from macro_jax import pool as pool_lib
-from macro_jax.config import ConfigError, parse_run, run_settings, subset_size, validate
+from macro_jax.config import ConfigError, parse_run, run_settings, site_sampling, subset_size, validate
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
@@ -350,9 +350,11 @@ def _broadcast(arrays, n_members: int):
     return tuple(jnp.broadcast_to(a, (n_members, *a.shape)) for a in arrays)
 
 
-def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, label_keys, n_members: int):
+def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, label_keys, n_members: int,
+            sampling: str = "uniform"):
     """Labels and precomputed loss inputs of one run: (samples, per_member,
-    stats, n_forces, force_seconds, batch_fn); see ``run_loss``."""
+    stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``sampling``:
+    how ``xp`` runs draw their sites (``config.site_sampling``)."""
     system, ae = prep.system, prep.ae
     method = config.autoencoder.jacobian
     chunk = config.train.precompute_chunk
@@ -366,10 +368,16 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     else:
         # shared_subsets: one draw (the first member's key) labels every member
         draws = label_keys[:1] if cfg.shared_subsets else label_keys
+        importance = sampling == "importance"
+        proposal = system.site_proposal_fn if importance else None
         member_samples, member_stats, accounts = [], [], []
         for key in draws:
-            sites = data.draw_sites(system, key, n, k)
-            s, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, sites, chunk=chunk)
+            if importance:
+                sites = data.draw_weighted_sites(system, prep.pool, indices, key, k)
+            else:
+                sites = data.draw_sites(system, key, n, k)
+            s, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, sites, chunk=chunk,
+                                                   proposal=proposal)
             member_stats.append((prep.z_mean, prep.z_std, *data.rate_statistics(loss, s)))
             member_samples.append(s)
             accounts.append(account)
@@ -381,7 +389,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
             # sites and computes their forces inside the jitted step.
             xs = pool_lib.take(prep.pool, indices)
             samples, per_member = xs, False
-            batch_fn = data.make_online_batch_fn(system, ae, method, k)
+            batch_fn = data.make_online_batch_fn(system, ae, method, k, importance)
             n_forces += cfg.epochs * n * k
             force_seconds += cfg.epochs * _online_force_seconds(system, xs, k, cfg.batch_size, n)
         elif cfg.shared_subsets:
@@ -396,6 +404,9 @@ def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[
     ``p n_sites`` for ``xp``) and configurations, ``budget // k``; raises
     ``ConfigError`` if the pool (``n_pool`` configurations) cannot supply them."""
     loss, p = parse_run(spec)
+    if site_sampling(spec) == "importance" and system.site_proposal_fn is None:
+        raise ConfigError(f"train.runs entry {spec!r}: the system {system.name} has no site proposal "
+                          "(MicroSystem.site_proposal_fn); use uniform sampling ('xp:<p>')")
     k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
     n = int(budget // k)
     if n < 1 or n > n_pool:
@@ -434,7 +445,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     indices = config_indices(config, cfg, n_pool, n)
     with stages.stage(f"{name}: labels and precompute"):
         samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
-            prep, config, cfg, loss, indices, n, k, label_keys, n_members)
+            prep, config, cfg, loss, indices, n, k, label_keys, n_members, site_sampling(spec))
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
@@ -458,6 +469,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "loss": losses.LOSS_NAMES[loss],
         "run": spec,
         "p": p,
+        "site_sampling": site_sampling(spec) if loss == "xp" else None,
         "sites_per_config": k,
         "budget": int(budget),
         "n_configs": n,
@@ -541,9 +553,11 @@ def _rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
 
 def run_name(spec: str, budget: int, tag: str = "") -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
-    (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``)."""
+    (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``,
+    ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``)."""
     loss, p = parse_run(spec)
-    return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}" if loss == "xp" else loss) + f"_budget{budget}"
+    sampling = "_importance" if site_sampling(spec) == "importance" else ""
+    return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}{sampling}" if loss == "xp" else loss) + f"_budget{budget}"
 
 
 # train fields that change how a run is logged or saved, not its numbers, and
@@ -629,7 +643,7 @@ def _reevaluated(prep: Prepared, config, spec: str, budget: int, run_dir: str, r
     skeleton, label_keys, _ = _members(config, cfg, prep.ae.latent_dim)
     nets = checkpoint.load_model(os.path.join(run_dir, "members.eqx"), skeleton)
     stats = _labels(prep, config, cfg, loss, config_indices(config, cfg, n_pool, n), n, k, label_keys,
-                    len(cfg.seeds))[2]
+                    len(cfg.seeds), site_sampling(spec))[2]
     errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, prep.ae, prep.test.x0, prep.test.obs,
                                                     prep.test.times, substeps=config.eval.substeps,
                                                     relative_floor=config.eval.relative_floor)
@@ -676,13 +690,22 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def run_label(r: dict) -> str:
+    """A result's name in tables and legends: ``L_z``, ``L_x,p p=0.0625``,
+    ``L_x,p p=0.0625 importance``."""
+    if r["loss"] != "L_x,p":
+        return r["loss"]
+    sampling = site_sampling(r["run"]) if "run" in r else "uniform"
+    return f"{r['loss']} p={r['p']:g}" + ("" if sampling == "uniform" else f" {sampling}")
+
+
 def format_table(results: list[dict]) -> str:
-    header = f"{'loss':<16} {'configurations':>14} {'force computations':>19} {'force seconds':>14}  test error (mean ± std over seeds)"
+    header = f"{'loss':<27} {'configurations':>14} {'force computations':>19} {'force seconds':>14}  test error (mean ± std over seeds)"
     lines = [header, "-" * len(header)]
     for r in results:
-        label = r["loss"] + (f" (p={r['p']:g})" if r["loss"] == "L_x,p" else "")
+        label = run_label(r)
         lines.append(
-            f"{label:<16} {r['n_configs']:>14,d} {r['n_force_computations']:>19,d} {r['force_seconds']:>14.4f}  "
+            f"{label:<27} {r['n_configs']:>14,d} {r['n_force_computations']:>19,d} {r['force_seconds']:>14.4f}  "
             f"{r['test_error_mean']:.3e} ± {r['test_error_std']:.2e}"
         )
     return "\n".join(lines)
@@ -706,7 +729,7 @@ def plot_rollout(results: list[dict], times, path: str, trajectory: int, observa
     for j, ax in enumerate(axes[0]):
         ax.plot(t, true_obs[:, j], "k-", lw=2.5, label="truth (microscopic)")
         for r in results:
-            label = r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
+            label = run_label(r)
             ax.plot(t, r["_pred_obs"][0, trajectory, :, j], "--", lw=1.5, label=f"{label} (seed {r['seeds'][0]})")
         ax.set_xlabel("t")
         ax.set_ylabel(observable_names[j] if j < len(observable_names) else f"z*_{j}")

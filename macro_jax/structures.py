@@ -75,7 +75,7 @@ def table(results: list[dict]) -> str:
              "| ours / reference |", "|---|---|---|---|---|---|"]
     for r in results:
         ref = _reference(r)
-        label = r["loss"] + (f" (p={r['p']:g})" if r["loss"] == "L_x,p" else "")
+        label = experiment.run_label(r)
         ref_text = f"{np.mean(ref):.2e} ± {np.std(ref):.1e}" if ref else "–"
         ratio = f"{r['test_error_mean'] / np.mean(ref):.2f}" if ref else "–"
         lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {label} | {r['n_configs']:,} x "

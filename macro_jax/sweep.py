@@ -116,7 +116,7 @@ def table(results: list[dict], system: str) -> str:
     lines = ["| force budget | configurations | loss | ours: mean ± std | ours: per seed | reference (mean) | ours / reference |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        label = r["loss"] + (f" p={r['p']:g}" if r["loss"] == "L_x,p" else "")
+        label = experiment.run_label(r)
         ref_value = ref.get(r["run"], {}).get(r["budget"])
         ratio = f"{r['test_error_mean'] / ref_value:.2f}" if ref_value else "–"
         ref_text = f"{ref_value:.2e}" if ref_value else "–"
@@ -134,7 +134,7 @@ def plot(results: list[dict], system: str, path: str) -> None:
     specs = list(dict.fromkeys(r["run"] for r in results))
     for i, spec in enumerate(specs):
         rs = sorted((r for r in results if r["run"] == spec), key=lambda r: r["budget"])
-        label = rs[0]["loss"] + (f" p={rs[0]['p']:g}" if rs[0]["loss"] == "L_x,p" else "")
+        label = experiment.run_label(rs[0])
         b = np.array([r["budget"] for r in rs], float)
         m = np.array([r["test_error_mean"] for r in rs])
         (line,) = ax.plot(b, m, "-o", label=f"ours: {label} (mean; dots = seeds)")

@@ -302,3 +302,23 @@ def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatc
     threading.Thread(target=finish_it).start()
     pool, _ = experiment.generate_data(config, copy)
     np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
+
+
+def test_importance_sampled_run_beside_the_uniform_one(smoke):
+    """"xp:1/16:importance" trains at the same force count in its own run directory;
+    the variant config keeps the protocol's runs (reused, not retrained)."""
+    import os
+
+    from configs import allen_cahn as ac_config
+    from macro_jax import experiment
+
+    workdir, config, results, prep = smoke
+    r = experiment.run_loss(prep, config, "xp:1/16:importance", config.train.budget, workdir)
+    assert r["site_sampling"] == "importance" and r["n_force_computations"] == config.train.budget
+    assert r["n_configs"] == results[1]["n_configs"] and np.all(np.isfinite(r["test_errors"]))
+    assert os.path.exists(os.path.join(workdir, "runs", f"xp_p0.0625_importance_budget{config.train.budget}",
+                                       "result.json"))
+    assert experiment.run_label(r) == "L_x,p p=0.0625 importance"
+    assert results[1]["site_sampling"] == "uniform"
+    full = ac_config.get_config("importance")
+    assert full.train.runs == ("z", "xp:1/16", "xp:1/16:importance") and full.train.budget == 100_000_000

@@ -1,7 +1,7 @@
 """Microscopic systems: one protocol (``MicroSystem``), one factory per system."""
 
 from macro_jax.systems.allen_cahn import make_allen_cahn
-from macro_jax.systems.base import MicroSystem, Trajectories, sample_sites
+from macro_jax.systems.base import MicroSystem, Trajectories, sample_sites, sample_sites_weighted
 from macro_jax.systems.predator_prey import make_predator_prey
 
 
@@ -23,4 +23,4 @@ def make_system(system_config) -> MicroSystem:
     return _FACTORIES[name](**dict(system_config.params))
 
 
-__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "make_predator_prey", "make_allen_cahn"]
+__all__ = ["MicroSystem", "Trajectories", "make_system", "sample_sites", "sample_sites_weighted", "make_predator_prey", "make_allen_cahn"]

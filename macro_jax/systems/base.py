@@ -21,6 +21,11 @@ A system is a frozen bundle of pure functions built by a ``make_*`` factory:
   system's distribution of initial conditions; ``integrators`` lists the
   integrators it accepts. ``labels=False`` skips the force labels
   (``forces=None``) where the caller labels later with the force calculator.
+* ``site_proposal_fn(x) -> q`` (optional, may be None): probabilities over the
+  sites, shape (n_sites,), each > 0, for ``L_x,p`` runs with importance
+  sampling (``"xp:<p>:importance"``). It reads the state only, never a
+  force; an O(N) pass is acceptable (the encoder reads every coordinate of
+  each configuration anyway).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class MicroSystem:
     # Integrators ``trajectory_fn`` accepts, and display names of the observables.
     integrators: tuple[str, ...] = ("euler", "rk4")
     observable_names: tuple[str, ...] = ()
+    site_proposal_fn: Callable[[Float[Array, " N"]], Float[Array, " n_sites"]] | None = None
 
     def __post_init__(self):
         if self.n_sites * self.dofs_per_site != self.n_dof:
@@ -109,6 +115,17 @@ def sample_sites(key: PRNGKeyArray, n_sites: int, k: int) -> Int[Array, " k"]:
         return jr.permutation(key, n_sites)[:k].astype(jnp.int32)  # k ~ n: O(n log n) = O(k log k)
     m = int(math.ceil(-n_sites * math.log1p(-target / n_sites)))
     return _distinct_draws(key, n_sites, k, m)
+
+
+def sample_sites_weighted(key: PRNGKeyArray, q: Float[Array, " n_sites"], k: int) -> Int[Array, " k"]:
+    """k i.i.d. draws (with replacement) of a site with probabilities ``q``
+    (normalised here): one cumulative sum in float64 and k binary searches,
+    O(n_sites + k log n_sites). Sites of zero probability are never drawn."""
+    if k < 1:
+        raise ValueError(f"subset size k={k} must be at least 1")
+    cdf = jnp.cumsum(q.astype(jnp.float64))
+    u = jr.uniform(key, (k,), jnp.float64) * cdf[-1]
+    return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), q.shape[0] - 1).astype(jnp.int32)
 
 
 def _floyd(key, n_sites: int, k: int):
