@@ -311,6 +311,8 @@ def _checked_system(config) -> MicroSystem:
     """The config's system, after checking the config against it."""
     system = make_system(config.system)
     validate(config, system.n_observables, system.integrators)
+    for spec in tuple(config.train.runs) + tuple(config.sweep.runs):  # before hours of data and AE
+        check_site_sampling(system, spec)
     return system
 
 
@@ -354,7 +356,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
             sampling: str = "uniform"):
     """Labels and precomputed loss inputs of one run: (samples, per_member,
     stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``sampling``:
-    how ``xp`` runs draw their sites (``config.site_sampling``)."""
+    how ``xp`` runs draw their sites (``site_sampling(spec)``)."""
     system, ae = prep.system, prep.ae
     method = config.autoencoder.jacobian
     chunk = config.train.precompute_chunk
@@ -399,14 +401,20 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
 
 
+def check_site_sampling(system: MicroSystem, spec: str) -> None:
+    """Raises ``ConfigError`` if ``spec`` asks for importance-sampled sites and
+    ``system`` has no proposal to draw them from."""
+    if site_sampling(spec) == "importance" and system.site_proposal_fn is None:
+        raise ConfigError(f"train.runs entry {spec!r}: the system {system.name} has no site proposal "
+                          "(MicroSystem.site_proposal_fn); use uniform sampling ('xp:<p>')")
+
+
 def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[int, int]:
     """``(k, n)`` of a run: sites labelled per configuration (all for ``z``/``x``,
     ``p n_sites`` for ``xp``) and configurations, ``budget // k``; raises
     ``ConfigError`` if the pool (``n_pool`` configurations) cannot supply them."""
     loss, p = parse_run(spec)
-    if site_sampling(spec) == "importance" and system.site_proposal_fn is None:
-        raise ConfigError(f"train.runs entry {spec!r}: the system {system.name} has no site proposal "
-                          "(MicroSystem.site_proposal_fn); use uniform sampling ('xp:<p>')")
+    check_site_sampling(system, spec)
     k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
     n = int(budget // k)
     if n < 1 or n > n_pool:

@@ -107,8 +107,17 @@ def test_run_specs_name_the_sampling():
         parse_run("z::importance")
 
 
-def test_importance_needs_a_system_with_a_proposal():
+def test_importance_needs_a_system_with_a_proposal(tmp_path):
+    """Refused before any data are made, naming the run entry."""
+    import os
+
+    from configs import predator_prey
     from macro_jax import experiment
 
     with pytest.raises(ConfigError, match="has no site proposal"):
         experiment.run_size(make_predator_prey(), "xp:0.5:importance", 100, 1000)
+    config = predator_prey.get_config("smoke")
+    config.train.runs = ("z", "xp:0.5:importance")
+    with pytest.raises(ConfigError, match="'xp:0.5:importance': the system predator_prey has no site proposal"):
+        experiment.prepare(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "data")
