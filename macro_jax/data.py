@@ -57,15 +57,13 @@ def draw_sites(system: MicroSystem, key, n_configs: int, k: int, chunk: int = 10
     return jax.jit(lambda keys: jax.lax.map(lambda kk: sample_sites(kk, system.n_sites, k), keys, batch_size=chunk))(keys)
 
 
-def draw_weighted_sites(system: MicroSystem, pool, indices, key, k: int, chunk: int = 1024):
-    """k sites for each configuration ``pool[indices]``, i.i.d. from the system's
-    proposal ``site_proposal_fn(x)`` (``sample_sites_weighted``), shape (n, k);
+def draw_weighted_sites(proposal, pool, indices, key, k: int, chunk: int = 1024):
+    """k sites for each configuration ``pool[indices]``, i.i.d. from ``proposal(x)``
+    (a system's ``site_proposal_fn``; ``sample_sites_weighted``), shape (n, k);
     the configurations are streamed ``chunk`` at a time (read, never labelled)."""
-    if system.site_proposal_fn is None:
-        raise ValueError(f"{system.name} has no site proposal (site_proposal_fn): use uniform site sampling")
     indices = np.asarray(indices)
     keys = jr.split(key, indices.shape[0])
-    draw = jax.jit(jax.vmap(lambda x, kk: sample_sites_weighted(kk, system.site_proposal_fn(x), k)))
+    draw = jax.jit(jax.vmap(lambda x, kk: sample_sites_weighted(kk, proposal(x), k)))
     return jnp.concatenate([draw(jnp.asarray(pool_lib.take(pool, indices[lo:hi])), keys[lo:hi])
                             for lo, hi in pool_lib.chunks(indices.shape[0], chunk)])
 
@@ -197,7 +195,9 @@ def partial_sample(geometry, system: MicroSystem, x, f_sub, sites, proposal=None
     uniform q), so that ``(n_sites / k) sum_s w_s (...)_s`` is unbiased for the
     sum over all sites; ``rate2`` is then ``T^2 - s_Y^2 / k`` with ``s_Y^2``
     the sample variance of the per-draw estimates ``Y_s = n_sites w_s c_s``
-    (draws with replacement: no finite-population factor).
+    (draws with replacement: no finite-population factor). q is evaluated
+    again here rather than kept from the draw: an O(N) pass next to the
+    encoder's O(N width), instead of holding (n, k) float64 weights.
     """
     geo = geometry(x, system.site_dofs(sites))
     cols, f = geo.cols.astype(jnp.float64), f_sub.astype(jnp.float64)
@@ -219,12 +219,11 @@ def partial_sample(geometry, system: MicroSystem, x, f_sub, sites, proposal=None
                      "rate": rate, "rate2": rate**2 - spread / k}
 
 
-def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, importance: bool = False):
+def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, proposal=None):
     """``batch_fn(xs, key)`` for the online mode: inside the jitted step, draw k
-    sites per configuration (uniformly, or from the system's proposal with
-    ``importance``), evaluate their forces with the subset calculator and build
-    the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
-    proposal = system.site_proposal_fn if importance else None
+    sites per configuration (uniformly, or i.i.d. from ``proposal``: see
+    ``partial_sample``), evaluate their forces with the subset calculator and
+    build the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
 
     def batch_fn(xs, key):
         geometry = jacobian.make_geometry_fn(ae, method)

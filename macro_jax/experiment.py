@@ -353,10 +353,10 @@ def _broadcast(arrays, n_members: int):
 
 
 def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, label_keys, n_members: int,
-            sampling: str = "uniform"):
+            proposal=None):
     """Labels and precomputed loss inputs of one run: (samples, per_member,
-    stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``sampling``:
-    how ``xp`` runs draw their sites (``site_sampling(spec)``)."""
+    stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``xp`` runs
+    draw their sites uniformly, or from ``proposal`` (``_proposal``)."""
     system, ae = prep.system, prep.ae
     method = config.autoencoder.jacobian
     chunk = config.train.precompute_chunk
@@ -370,12 +370,10 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     else:
         # shared_subsets: one draw (the first member's key) labels every member
         draws = label_keys[:1] if cfg.shared_subsets else label_keys
-        importance = sampling == "importance"
-        proposal = system.site_proposal_fn if importance else None
         member_samples, member_stats, accounts = [], [], []
         for key in draws:
-            if importance:
-                sites = data.draw_weighted_sites(system, prep.pool, indices, key, k)
+            if proposal is not None:
+                sites = data.draw_weighted_sites(proposal, prep.pool, indices, key, k)
             else:
                 sites = data.draw_sites(system, key, n, k)
             s, account = data.label_and_precompute(system, ae, method, loss, prep.pool, indices, sites, chunk=chunk,
@@ -391,7 +389,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
             # sites and computes their forces inside the jitted step.
             xs = pool_lib.take(prep.pool, indices)
             samples, per_member = xs, False
-            batch_fn = data.make_online_batch_fn(system, ae, method, k, importance)
+            batch_fn = data.make_online_batch_fn(system, ae, method, k, proposal)
             n_forces += cfg.epochs * n * k
             force_seconds += cfg.epochs * _online_force_seconds(system, xs, k, cfg.batch_size, n)
         elif cfg.shared_subsets:
@@ -399,6 +397,11 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
         else:
             samples, per_member = _stack(member_samples), True
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
+
+
+def _proposal(system: MicroSystem, spec: str):
+    """The site proposal an ``xp`` run draws from: None for uniform sampling."""
+    return system.site_proposal_fn if site_sampling(spec) == "importance" else None
 
 
 def check_site_sampling(system: MicroSystem, spec: str) -> None:
@@ -453,7 +456,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     indices = config_indices(config, cfg, n_pool, n)
     with stages.stage(f"{name}: labels and precompute"):
         samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
-            prep, config, cfg, loss, indices, n, k, label_keys, n_members, site_sampling(spec))
+            prep, config, cfg, loss, indices, n, k, label_keys, n_members, _proposal(system, spec))
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
@@ -651,7 +654,7 @@ def _reevaluated(prep: Prepared, config, spec: str, budget: int, run_dir: str, r
     skeleton, label_keys, _ = _members(config, cfg, prep.ae.latent_dim)
     nets = checkpoint.load_model(os.path.join(run_dir, "members.eqx"), skeleton)
     stats = _labels(prep, config, cfg, loss, config_indices(config, cfg, n_pool, n), n, k, label_keys,
-                    len(cfg.seeds), site_sampling(spec))[2]
+                    len(cfg.seeds), _proposal(prep.system, spec))[2]
     errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, prep.ae, prep.test.x0, prep.test.obs,
                                                     prep.test.times, substeps=config.eval.substeps,
                                                     relative_floor=config.eval.relative_floor)

@@ -89,7 +89,7 @@ def test_online_importance_batch_equals_offline_precompute(setup):
     system, ae, x, _, _ = setup
     xs = jnp.stack([x, -x, 0.5 * x])
     key, k = jr.PRNGKey(3), 5
-    online = data.make_online_batch_fn(system, ae, METHOD, k, importance=True)(xs, key)
+    online = data.make_online_batch_fn(system, ae, METHOD, k, system.site_proposal_fn)(xs, key)
     sites = jnp.stack([sample_sites_weighted(kk, system.site_proposal_fn(xi), k)
                        for kk, xi in zip(jr.split(key, 3), xs)])
     offline = data.precompute(ae, METHOD, system, "xp", xs, jax.vmap(system.subset_force_fn)(xs, sites), sites,
