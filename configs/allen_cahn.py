@@ -21,6 +21,10 @@ Variants (config argument after the colon):
                proposal (half uniform, half (1 - u^2)^2) and weighted by
                1 / (N q), at the same force counts. Our improvement, not the
                paper's protocol; the protocol's runs are reused from the workdir.
+  :improved    :importance plus "z:normalised": L_z with each latent rate
+               component divided by its std over the run's labels (the squared
+               error in normalised target space), at the same force counts.
+               Ours, not the paper's protocol (its L_z is the plain |J f - g|^2).
 """
 
 from configs import base
@@ -89,8 +93,10 @@ def get_config(variant: str = ""):
     c.eval.substeps = 10
     c.eval.relative_floor = 1e-4
 
-    if variant == "importance":
+    if variant in ("importance", "improved"):
         c.train.runs = ("z", "xp:1/16", "xp:1/16:importance")
+        if variant == "improved":
+            c.train.runs = ("z", "z:normalised", "xp:1/16", "xp:1/16:importance")
         c.sweep.runs = c.train.runs
     elif variant == "smoke":
         c.system.params.n_grid = 16
@@ -118,5 +124,5 @@ def get_config(variant: str = ""):
         c.sweep.budgets = (4 * 256, c.train.budget)
         c.eval.substeps = 2
     elif variant:
-        raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '', 'importance' or 'smoke'")
+        raise ValueError(f"unknown allen_cahn config variant {variant!r}; use '', 'importance', 'improved' or 'smoke'")
     return c

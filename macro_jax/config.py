@@ -18,24 +18,35 @@ class ConfigError(ValueError):
 
 
 SITE_SAMPLINGS = ("uniform", "importance")
+Z_WEIGHTINGS = ("physical", "normalised")
 
 
 def _split_run(spec: str) -> tuple[str, str, str]:
+    """``(loss, p, option)``: ``"xp:<p>[:<sampling>]"``, ``"z[:<weighting>]"``, ``"x"``."""
     loss, _, rest = str(spec).partition(":")
-    p_text, _, sampling = rest.partition(":")
-    return loss, p_text, sampling
+    if loss == "z":
+        return loss, "", rest
+    p_text, _, option = rest.partition(":")
+    return loss, p_text, option
 
 
 def parse_run(spec: str) -> tuple[str, float]:
-    """``"z"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"``, ``"xp:1/5"`` or
-    ``"xp:1/5:importance"`` -> (xp, 0.2). The optional third field is the site
+    """``"z"`` or ``"z:normalised"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"``,
+    ``"xp:1/5"`` or ``"xp:1/5:importance"`` -> (xp, 0.2). The option after ``z``
+    is its weighting (``z_weighting``), the third field of ``xp`` its site
     sampling (``site_sampling``)."""
-    loss, p_text, sampling = _split_run(spec)
+    loss, p_text, option = _split_run(spec)
     if loss not in LOSSES:
         raise ConfigError(f"train.runs entry {spec!r}: loss {loss!r} is not one of {list(LOSSES)}")
-    if loss != "xp":
-        if p_text or sampling:
-            raise ConfigError(f"train.runs entry {spec!r}: only 'xp' takes a fraction p and a site sampling")
+    if loss == "z":
+        if option and option not in Z_WEIGHTINGS:
+            raise ConfigError(f"train.runs entry {spec!r}: the L_z weighting {option!r} is not one of "
+                              f"{list(Z_WEIGHTINGS)} ('z' or 'z:normalised')")
+        return loss, 1.0
+    if loss == "x":
+        if p_text or option:
+            raise ConfigError(f"train.runs entry {spec!r}: 'x' takes no options; only 'xp' takes a fraction p "
+                              "and a site sampling, only 'z' a weighting")
         return loss, 1.0
     try:
         p = float(Fraction(p_text))
@@ -43,8 +54,8 @@ def parse_run(spec: str) -> tuple[str, float]:
         raise ConfigError(f"train.runs entry {spec!r}: p must be a number in (0, 1], e.g. 'xp:0.2' or 'xp:1/5'")
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"train.runs entry {spec!r}: p = {p} must be in (0, 1]")
-    if sampling and sampling not in SITE_SAMPLINGS:
-        raise ConfigError(f"train.runs entry {spec!r}: site sampling {sampling!r} is not one of {list(SITE_SAMPLINGS)}")
+    if option and option not in SITE_SAMPLINGS:
+        raise ConfigError(f"train.runs entry {spec!r}: site sampling {option!r} is not one of {list(SITE_SAMPLINGS)}")
     return loss, p
 
 
@@ -52,9 +63,21 @@ def site_sampling(spec: str) -> str:
     """How an ``xp`` run draws its sites: ``"uniform"`` (default: k distinct sites,
     uniformly, the paper's) or ``"importance"`` (``"xp:<p>:importance"``: k i.i.d.
     draws from the system's proposal, each weighted by 1 / (n_sites q); an
-    improvement of ours, not the paper's protocol)."""
-    parse_run(spec)
-    return _split_run(spec)[2] or "uniform"
+    improvement of ours, not the paper's protocol). Runs with all forces: ``"uniform"``."""
+    loss, _ = parse_run(spec)
+    return (_split_run(spec)[2] or "uniform") if loss == "xp" else "uniform"
+
+
+def z_weighting(spec: str) -> str:
+    """How an ``L_z`` run weighs the d components of the rate residual
+    ``J f - g(z)``: ``"physical"`` (default: the plain squared norm, as in the
+    paper and the reference code) or ``"normalised"`` (``"z:normalised"``: each
+    component divided by the std of its rate over the run's labels, i.e. the
+    squared error in normalised target space; ours, not the paper's protocol).
+    ``L_x`` and ``L_x,p`` have no such choice: ``J^+ g`` does not change under
+    a linear change of latent coordinates. Other losses: ``"physical"``."""
+    loss, _ = parse_run(spec)
+    return (_split_run(spec)[2] or "physical") if loss == "z" else "physical"
 
 
 def subset_size(p: float, n_sites: int, spec: str = "") -> int:

@@ -36,7 +36,7 @@ from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, stages, train
 from macro_jax import pool as pool_lib
-from macro_jax.config import ConfigError, parse_run, run_settings, site_sampling, subset_size, validate
+from macro_jax.config import ConfigError, parse_run, run_settings, site_sampling, subset_size, validate, z_weighting
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
@@ -457,7 +457,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     with stages.stage(f"{name}: labels and precompute"):
         samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
             prep, config, cfg, loss, indices, n, k, label_keys, n_members, _proposal(system, spec))
-    sample_loss = losses.per_sample_loss(loss, system.n_sites / k)
+    sample_loss = losses.per_sample_loss(loss, system.n_sites / k, normalised=z_weighting(spec) == "normalised")
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
         monitor, n_diagnostic_forces = _make_monitor(prep, config, nets, stats, holdout_indices(config, n_pool, indices))
@@ -481,6 +481,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "run": spec,
         "p": p,
         "site_sampling": site_sampling(spec) if loss == "xp" else None,
+        "z_weighting": z_weighting(spec) if loss == "z" else None,
         "sites_per_config": k,
         "budget": int(budget),
         "n_configs": n,
@@ -565,10 +566,13 @@ def _rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
 def run_name(spec: str, budget: int, tag: str = "") -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``,
-    ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``)."""
+    ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``,
+    ``z_normalised_budget100000000`` for ``"z:normalised"``)."""
     loss, p = parse_run(spec)
     sampling = "_importance" if site_sampling(spec) == "importance" else ""
-    return (f"{tag}_" if tag else "") + (f"{loss}_p{p:g}{sampling}" if loss == "xp" else loss) + f"_budget{budget}"
+    weighting = "_normalised" if z_weighting(spec) == "normalised" else ""
+    body = f"{loss}_p{p:g}{sampling}" if loss == "xp" else loss + weighting
+    return (f"{tag}_" if tag else "") + body + f"_budget{budget}"
 
 
 # train fields that change how a run is logged or saved, not its numbers, and
@@ -702,8 +706,11 @@ def public(result: dict) -> dict:
 
 
 def run_label(r: dict) -> str:
-    """A result's name in tables and legends: ``L_z``, ``L_x,p p=0.0625``,
-    ``L_x,p p=0.0625 importance``."""
+    """A result's name in tables and legends: ``L_z``, ``L_z normalised``,
+    ``L_x,p p=0.0625``, ``L_x,p p=0.0625 importance``."""
+    if r["loss"] == "L_z":
+        weighting = z_weighting(r["run"]) if "run" in r else "physical"
+        return r["loss"] + ("" if weighting == "physical" else f" {weighting}")
     if r["loss"] != "L_x,p":
         return r["loss"]
     sampling = site_sampling(r["run"]) if "run" in r else "uniform"

@@ -5,7 +5,8 @@ Autoencoder (stage 1): ``L_AE = L_rec + lambda_cond L_cond``.
 Latent dynamics (stage 2, encoder frozen), per configuration with
 ``g = g_theta(z)``:
 
-* ``L_z   = |J f - g|^2``                              (all forces)
+* ``L_z   = |J f - g|^2``                              (all forces; or each
+  component divided by its rate std, ``"z:normalised"``)
 * ``L_x   = |f - J^+ g|^2 = |P f|^2 + (Jf - g)^T G^{-1} (Jf - g)``  (all forces)
 * ``L_x,p = (n_sites / k) |f_I - (J^+ g)_I|^2``         (forces of k sites)
 
@@ -68,6 +69,15 @@ def loss_z(field, s):
     return jnp.sum((s["jf"] - field(0.0, s["z"])) ** 2)
 
 
+def loss_z_normalised(field, s):
+    """``|(J f - g) / sigma|^2`` with ``sigma = field.rate_std``, the std of each
+    rate component over the run's labels (``field`` is a ``NormalisedField``):
+    ``L_z`` in normalised target space, every latent component weighted alike
+    whatever its scale (``config.z_weighting``); sample keys: z, jf."""
+    r = (s["jf"] - field(0.0, s["z"])) / jax.lax.stop_gradient(field.rate_std)
+    return jnp.sum(r**2)
+
+
 def loss_x(field, s):
     """``|P f|^2 + (Jf - g)^T G^{-1} (Jf - g)``; sample keys: z, chol, jf, pf2."""
     r = s["jf"] - field(0.0, s["z"])
@@ -83,10 +93,11 @@ def loss_xp(field, s, weight):
     return (weight * r2).astype(jnp.float32)
 
 
-def per_sample_loss(loss: str, weight: float = 1.0) -> Callable:
-    """``(field, sample) -> scalar`` for the loss named ``z``, ``x`` or ``xp``."""
+def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False) -> Callable:
+    """``(field, sample) -> scalar`` for the loss named ``z``, ``x`` or ``xp``;
+    ``normalised`` picks ``loss_z_normalised`` for ``z``."""
     if loss == "z":
-        return loss_z
+        return loss_z_normalised if normalised else loss_z
     if loss == "x":
         return loss_x
     if loss == "xp":

@@ -130,7 +130,7 @@ def plot(results: list[dict], system: str, path: str) -> None:
     plt = plotting.pyplot()
 
     ref = REFERENCE.get(system, {})
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
     specs = list(dict.fromkeys(r["run"] for r in results))
     for i, spec in enumerate(specs):
         rs = sorted((r for r in results if r["run"] == spec), key=lambda r: r["budget"])
@@ -150,7 +150,7 @@ def plot(results: list[dict], system: str, path: str) -> None:
     ax.set_xlabel("force budget (site forces per seed)")
     ax.set_ylabel("relative test error (true trajectories)")
     ax.set_title(f"{system}: error vs force budget")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: never over the data
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -322,3 +322,24 @@ def test_importance_sampled_run_beside_the_uniform_one(smoke):
     assert results[1]["site_sampling"] == "uniform"
     full = ac_config.get_config("importance")
     assert full.train.runs == ("z", "xp:1/16", "xp:1/16:importance") and full.train.budget == 100_000_000
+
+
+def test_normalised_lz_run_beside_the_physical_one(smoke):
+    """"z:normalised" trains on the same configurations and force count as "z" in its
+    own run directory, with a different loss (so different members)."""
+    import os
+
+    from configs import allen_cahn as ac_config
+    from macro_jax import experiment
+
+    workdir, config, results, prep = smoke
+    r = experiment.run_loss(prep, config, "z:normalised", config.train.budget, workdir)
+    physical = results[0]
+    assert physical["run"] == "z" and physical["z_weighting"] == "physical"
+    assert r["z_weighting"] == "normalised" and r["n_force_computations"] == physical["n_force_computations"]
+    assert r["n_configs"] == physical["n_configs"] and np.all(np.isfinite(r["test_errors"]))
+    assert not np.allclose(r["test_errors"], physical["test_errors"], rtol=1e-6, atol=0.0)
+    assert os.path.exists(os.path.join(workdir, "runs", f"z_normalised_budget{config.train.budget}", "result.json"))
+    assert experiment.run_label(r) == "L_z normalised"
+    full = ac_config.get_config("improved")
+    assert full.train.runs == ("z", "z:normalised", "xp:1/16", "xp:1/16:importance")

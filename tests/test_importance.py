@@ -103,8 +103,10 @@ def test_run_specs_name_the_sampling():
     assert site_sampling("xp:1/16:importance") == "importance" and site_sampling("xp:0.2") == "uniform"
     with pytest.raises(ConfigError, match="site sampling 'stratified'"):
         parse_run("xp:0.2:stratified")
-    with pytest.raises(ConfigError, match="only 'xp' takes"):
+    with pytest.raises(ConfigError, match="L_z weighting ':importance'"):
         parse_run("z::importance")
+    with pytest.raises(ConfigError, match="'x' takes no options"):
+        parse_run("x:0.5:importance")
 
 
 def test_importance_needs_a_system_with_a_proposal(tmp_path):

@@ -183,3 +183,35 @@ def test_chunked_float64_product_equals_numpy(chunk):
     b = jr.normal(jr.PRNGKey(1), (5, 10000))
     exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64).T
     np.testing.assert_allclose(jacobian.dot_t_f64(a, b, chunk=chunk), exact, rtol=1e-12, atol=1e-11)
+
+
+def test_normalised_lz_weights_each_component_by_its_rate_std():
+    """"z:normalised" is the squared error in normalised target space: with the
+    field g = net(z_n) * sigma + mu it equals |net(z_n) - (J f - mu) / sigma|^2,
+    and with sigma = 1 it is the plain L_z."""
+    from macro_jax.config import ConfigError, parse_run, z_weighting
+    from macro_jax.models.latent import NormalisedField
+
+    d = 3
+    net = _field(jr.PRNGKey(3), d)
+    z = jnp.asarray([0.3, -1.2, 2.0])
+    jf = jnp.asarray([40.0, -2.0, 0.05])
+    mu, sigma = jnp.asarray([10.0, 0.0, 0.1]), jnp.asarray([100.0, 1.0, 0.01])
+    zero, one = jnp.zeros(d), jnp.ones(d)
+    field = NormalisedField(net, zero, one, mu, sigma)
+    s = {"z": z, "jf": jf}
+    by_hand = jnp.sum((net(0.0, z) - (jf - mu) / sigma) ** 2)
+    assert float(losses.per_sample_loss("z", normalised=True)(field, s)) == pytest.approx(float(by_hand), rel=1e-5)
+    # the physical loss weighs the large-scale component 1e4 x more than this one
+    assert float(losses.loss_z(field, s)) == pytest.approx(float(jnp.sum((sigma * net(0.0, z) + mu - jf) ** 2)),
+                                                          rel=1e-5)
+    plain = NormalisedField(net, zero, one, mu, one)
+    assert float(losses.loss_z_normalised(plain, s)) == pytest.approx(float(losses.loss_z(plain, s)), rel=1e-6)
+
+    assert parse_run("z:normalised") == ("z", 1.0)
+    assert z_weighting("z:normalised") == "normalised" and z_weighting("z") == "physical"
+    assert z_weighting("xp:0.5") == "physical"
+    with pytest.raises(ConfigError, match="L_z weighting 'whitened'"):
+        parse_run("z:whitened")
+    with pytest.raises(ConfigError, match="'x' takes no options"):
+        parse_run("x:normalised")
