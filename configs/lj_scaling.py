@@ -8,6 +8,10 @@ trajectories:
       --out docs/results/lj_scaling_2700.json
 then Fig. 4 from the per-size files:
   python experiments/fig4.py --inputs 'docs/results/lj_scaling_*.json' --out docs/results/fig4.json
+Our normalised L_z (each latent component of the residual divided by its rate
+std) runs beside the paper's two at the same sizes with
+  --config.sweep.runs="('z', 'z:normalised', 'xp:50/<n>')"
+and gets its own rows and ratio in Fig. 4 (not the paper's protocol).
 Variants: :800 :2700 :6400 :21600 (box 10, 15, 20, 30; density 0.8);
   :smoke  100 atoms, seconds; used by the test suite.
 """

@@ -66,3 +66,26 @@ def test_smoke_sweep_and_fig4_collector(tmp_path):
     assert "ratio L_z / L_x,p | 2.5x" in table
     scaling.plot(out, str(tmp_path / "fig4.png"))
     assert os.path.getsize(tmp_path / "fig4.png") > 0
+
+
+def test_collector_keeps_our_options_apart_from_the_papers_runs(tmp_path):
+    """With "z:normalised" beside "z" (both loss L_z), every run keeps its own row,
+    ratio and curve; the paper's points and ratio go with the plain runs only."""
+
+    def rows_for(spec, loss, k, errors):
+        return [{"loss": loss, "run": spec, "p": 1.0, "budget": n * k, "seed": 1, "test_error": e, "n_configs": n,
+                 "sites_per_config": k, "n_force_computations": n * k, "force_seconds": n * k * 1e-6}
+                for n, e in zip((100, 1000), errors)]
+
+    rows = (rows_for("z", "L_z", 800, (1e-2, 1e-3)) + rows_for("z:normalised", "L_z", 800, (1e-3, 1e-4))
+            + rows_for("xp:50/800", "L_x,p", 50, (1e-3, 1e-4)))
+    out = scaling.collect([rows], e_tol=3e-3)
+    by = {r["label"]: r for r in out}
+    assert set(by) == {"L_z", "L_z normalised", "L_x,p"}
+    assert by["L_z normalised"]["forces_to_etol"] == 100 * 800 and by["L_z"]["bound"] == "interpolated"
+    table = scaling.table(out)
+    # L_z reaches 3e-3 between 8e4 and 8e5 forces (log-linear: 2.67e5), L_x,p at 5e3 already
+    assert "| 800 | ratio L_z / L_x,p | 53.3x | 53.3x | 10.7x |" in table  # the paper's ratio beside the plain one
+    assert "| 800 | ratio L_z normalised / L_x,p | 16.0x | 16.0x | – |" in table
+    assert "| 800 | L_z normalised | at most 8e+04 | 0.08 | – |" in table
+    scaling.plot(out, str(tmp_path / "fig4.png"))
