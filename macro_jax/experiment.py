@@ -705,6 +705,13 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def paper_run(spec: str) -> bool:
+    """True for the paper's runs, False for those with an option of ours
+    (``"z:normalised"``, ``"xp:<p>:importance"``): only the former are compared
+    with the paper's numbers."""
+    return z_weighting(spec) == "physical" and site_sampling(spec) == "uniform"
+
+
 def run_label(r: dict) -> str:
     """A result's name in tables and legends: ``L_z``, ``L_z normalised``,
     ``L_x,p p=0.0625``, ``L_x,p p=0.0625 importance``."""

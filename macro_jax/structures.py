@@ -55,7 +55,8 @@ def run_structures(config, workdir: str) -> list[dict]:
 def rows(results: list[dict]) -> list[dict]:
     """One object per (model, loss, member), as committed in docs/results/."""
     return [
-        {"model": r["model"], "loss": r["loss"], "p": r["p"], "member": i, "seed": seed, "test_error": err,
+        {"model": r["model"], "loss": r["loss"], "run": r["run"], "label": experiment.run_label(r), "p": r["p"],
+         "member": i, "seed": seed, "test_error": err,
          "budget": r["budget"], "n_configs": r["n_configs"], "n_force_computations": r["n_force_computations"],
          "epochs": r["settings"]["train"]["epochs"]}
         for r in results for i, (seed, err) in enumerate(zip(r["seeds"], r["test_errors"]))
@@ -64,8 +65,8 @@ def rows(results: list[dict]) -> list[dict]:
 
 def _reference(r: dict):
     """The reference's per-member errors for a result of the LJ-800 protocol (800
-    atoms, 1e6 atom forces, 50-atom subsets), else None."""
-    if r["budget"] != 1_000_000 or r["sites_per_config"] not in (800, 50):
+    atoms, 1e6 atom forces, 50-atom subsets, no option of ours), else None."""
+    if r["budget"] != 1_000_000 or r["sites_per_config"] not in (800, 50) or not experiment.paper_run(r["run"]):
         return None
     return REFERENCE.get(r["model"], {}).get(r["loss"])
 
@@ -90,7 +91,7 @@ def boxplot(results: list[dict], path: str) -> None:
 
     data, labels, colors = [], [], []
     for r in results:
-        name = f"{MODEL_NAMES.get(r['model'], r['model'])}\n{r['loss']}"
+        name = f"{MODEL_NAMES.get(r['model'], r['model'])}\n{experiment.run_label(r)}"
         data.append(r["test_errors"])
         labels.append(f"{name}\nours")
         colors.append("tab:blue" if r["loss"] == "L_x,p" else "tab:orange")

@@ -280,3 +280,21 @@ def test_lj51200_config_and_smoke_run_with_stage_records(tmp_path):
         for spec in config.train.runs for what in ("labels and precompute", "training", "evaluation")]
     assert [name.split(" (")[0] for name in names] == expected
     stages.clear()
+
+
+def test_structures_compare_only_the_papers_runs_with_the_paper():
+    """A "z:normalised" result at the LJ-800 protocol's budget gets its own label and
+    no reference column; the plain "z" result next to it gets the paper's numbers."""
+    from macro_jax import structures
+
+    def result(spec):
+        return {"model": "mlp", "loss": "L_z", "run": spec, "p": 1.0, "budget": 1_000_000, "sites_per_config": 800,
+                "n_configs": 1250, "n_force_computations": 1_000_000, "seeds": [1, 2], "test_errors": [0.01, 0.03],
+                "test_error_mean": 0.02, "test_error_std": 0.01, "settings": {"train": {"epochs": 2000}}}
+
+    results = [result("z"), result("z:normalised")]
+    lines = structures.table(results).splitlines()
+    assert lines[2].startswith("| MLP | L_z | 1,250 x 800 |") and "2.60e-02" in lines[2]
+    assert lines[3].startswith("| MLP | L_z normalised | 1,250 x 800 |") and lines[3].endswith("| – | – |")
+    rows = structures.rows(results)
+    assert {(r["run"], r["label"]) for r in rows} == {("z", "L_z"), ("z:normalised", "L_z normalised")}
