@@ -80,6 +80,15 @@ def z_weighting(spec: str) -> str:
     return (_split_run(spec)[2] or "physical") if loss == "z" else "physical"
 
 
+def run_option(spec: str) -> str | None:
+    """The option of ours a run uses (``"normalised"`` for ``"z:normalised"``,
+    ``"importance"`` for ``"xp:<p>:importance"``), or None for the paper's runs:
+    what names, labels and reference comparisons tell apart."""
+    loss, _ = parse_run(spec)
+    option = z_weighting(spec) if loss == "z" else site_sampling(spec)
+    return None if option in (Z_WEIGHTINGS[0], SITE_SAMPLINGS[0]) else option
+
+
 def subset_size(p: float, n_sites: int, spec: str = "") -> int:
     """k = p n_sites, which must be a whole number of sites."""
     k = round(p * n_sites)

@@ -36,7 +36,8 @@ from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, stages, train
 from macro_jax import pool as pool_lib
-from macro_jax.config import ConfigError, parse_run, run_settings, site_sampling, subset_size, validate, z_weighting
+from macro_jax.config import (ConfigError, parse_run, run_option, run_settings, site_sampling, subset_size,
+                              validate, z_weighting)
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
@@ -569,9 +570,8 @@ def run_name(spec: str, budget: int, tag: str = "") -> str:
     ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``,
     ``z_normalised_budget100000000`` for ``"z:normalised"``)."""
     loss, p = parse_run(spec)
-    sampling = "_importance" if site_sampling(spec) == "importance" else ""
-    weighting = "_normalised" if z_weighting(spec) == "normalised" else ""
-    body = f"{loss}_p{p:g}{sampling}" if loss == "xp" else loss + weighting
+    option = run_option(spec)
+    body = (f"{loss}_p{p:g}" if loss == "xp" else loss) + (f"_{option}" if option else "")
     return (f"{tag}_" if tag else "") + body + f"_budget{budget}"
 
 
@@ -705,23 +705,12 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
-def paper_run(spec: str) -> bool:
-    """True for the paper's runs, False for those with an option of ours
-    (``"z:normalised"``, ``"xp:<p>:importance"``): only the former are compared
-    with the paper's numbers."""
-    return z_weighting(spec) == "physical" and site_sampling(spec) == "uniform"
-
-
 def run_label(r: dict) -> str:
     """A result's name in tables and legends: ``L_z``, ``L_z normalised``,
     ``L_x,p p=0.0625``, ``L_x,p p=0.0625 importance``."""
-    if r["loss"] == "L_z":
-        weighting = z_weighting(r["run"]) if "run" in r else "physical"
-        return r["loss"] + ("" if weighting == "physical" else f" {weighting}")
-    if r["loss"] != "L_x,p":
-        return r["loss"]
-    sampling = site_sampling(r["run"]) if "run" in r else "uniform"
-    return f"{r['loss']} p={r['p']:g}" + ("" if sampling == "uniform" else f" {sampling}")
+    option = run_option(r["run"]) if "run" in r else None
+    base = f"{r['loss']} p={r['p']:g}" if r["loss"] == "L_x,p" else r["loss"]
+    return base + (f" {option}" if option else "")
 
 
 def format_table(results: list[dict]) -> str:

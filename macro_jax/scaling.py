@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from macro_jax import experiment, plotting, sweep
-from macro_jax.config import site_sampling, z_weighting
+from macro_jax import plotting, sweep
+from macro_jax.config import run_option
 
 # The paper's Fig. 4 points (atom forces to reach 3e-3), measured against the
 # last ensemble member's rollout instead of the truth (method.md section 5).
@@ -35,9 +35,8 @@ def label(spec: str, loss: str) -> str:
     """A run's name across sizes (its p changes with the size): ``L_z``, ``L_x,p``,
     or with our option, ``L_z normalised``, ``L_x,p importance``. The paper's
     points are under the plain names."""
-    if experiment.paper_run(spec):
-        return loss
-    return f"{loss} {z_weighting(spec) if loss == 'L_z' else site_sampling(spec)}"
+    option = run_option(spec)
+    return f"{loss} {option}" if option else loss
 
 
 def table(rows_: list[dict]) -> str:

@@ -13,6 +13,7 @@ import copy
 import numpy as np
 
 from macro_jax import experiment, plotting
+from macro_jax.config import run_option
 
 # Per-member test errors of the authors' LJ-800 ensembles (structures.txt),
 # keyed by model and loss name; means: MLP 2.60e-2 / 1.34e-3, OnsagerNet
@@ -66,7 +67,7 @@ def rows(results: list[dict]) -> list[dict]:
 def _reference(r: dict):
     """The reference's per-member errors for a result of the LJ-800 protocol (800
     atoms, 1e6 atom forces, 50-atom subsets, no option of ours), else None."""
-    if r["budget"] != 1_000_000 or r["sites_per_config"] not in (800, 50) or not experiment.paper_run(r["run"]):
+    if r["budget"] != 1_000_000 or r["sites_per_config"] not in (800, 50) or run_option(r["run"]):
         return None
     return REFERENCE.get(r["model"], {}).get(r["loss"])
 
