@@ -27,15 +27,11 @@ test: $(STAMP)
 sweep: $(STAMP)
 	$(PY) experiments/sweep.py --config configs/predator_prey.py --workdir workdirs/predator_prey_sweep --out docs/results/predator_prey.json
 
-$(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	touch $(VENV)/.bench
-
 # Every benchmark (about 25 minutes on 2 cores); JSON in benchmarks/results/.
-bench: $(VENV)/.bench
+bench: $(STAMP)
 	$(PY) benchmarks/train_step.py --out benchmarks/results/train_step_cpu.json
 	XLA_FLAGS=--xla_cpu_multi_thread_eigen=false $(PY) benchmarks/train_step.py --out benchmarks/results/train_step_cpu_1thread.json
-	LD_LIBRARY_PATH=$(abspath $(VENV))/lib $(PY) benchmarks/partial_forces.py --out benchmarks/results/partial_forces_cpu.json
+	$(PY) benchmarks/partial_forces.py --out benchmarks/results/partial_forces_cpu.json
 	$(PY) benchmarks/lj_train_step.py --out benchmarks/results/lj_train_step_cpu.json
 	$(PY) benchmarks/pinv_rows.py --out benchmarks/results/pinv_rows_cpu.json
 

@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 
 import macro_jax  # noqa: E402,F401
 from benchmarks import common  # noqa: E402
-from macro_jax.systems import sample_sites  # noqa: E402
+from macro_jax.systems import lammps_initial, sample_sites  # noqa: E402
 from macro_jax.systems.particles import lattice_state, make_particle_calculator  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "benchmarks/results/partial_forces_cpu.json", "JSON output.")
@@ -63,9 +63,9 @@ def _timed_row(fn, args, repeats):
 def _lammps_row(x, n_atoms, box_size, forces, repeats):
     """LAMMPS ``run 0`` (neighbour build + all forces) on the same configuration, or None."""
     try:
-        import lammps
+        lammps = lammps_initial.import_lammps()
     except ImportError as err:
-        print(f"skipping lammps_full_label: cannot import lammps ({err})")
+        print(f"skipping lammps_full_label: {err}")
         return None
     try:
         lmp = lammps.lammps(cmdargs=["-screen", "none", "-log", "none"])

@@ -63,10 +63,23 @@ class Prepared(NamedTuple):
 # ---------------------------------------------------------------- data and autoencoder
 
 
+# System parameters added after data were saved: at these values (what older
+# files were made with) they are left out of specs, so that those files stay valid.
+_LATER_SYSTEM_DEFAULTS = {"initial": "fire"}
+
+
+def system_spec(config) -> dict:
+    """``config.system`` as saved in data and autoencoder specs."""
+    system = config.system.to_dict()
+    params = {k: v for k, v in system.get("params", {}).items()
+              if not (k in _LATER_SYSTEM_DEFAULTS and v == _LATER_SYSTEM_DEFAULTS[k])}
+    return dict(system, params=params)
+
+
 def _spec(config, split: str) -> dict:
     d = config.data
     spec = {
-        "system": config.system.to_dict(),
+        "system": system_spec(config),
         "n_trajectories": d[f"n_{split}_trajectories"],
         "integrator": d[f"{split}_integrator"],
         "dt": d[f"{split}_dt"],
@@ -279,7 +292,7 @@ def autoencoder_spec(config) -> dict:
     """What determines a trained autoencoder (the metadata its file is checked
     against): system, AE settings, data and seed. ``autoencoder.checkpoint_every``
     is bookkeeping and left out (files saved before it existed stay valid)."""
-    return {"system": config.system.to_dict(), "autoencoder": _autoencoder_settings(config.autoencoder.to_dict()),
+    return {"system": system_spec(config), "autoencoder": _autoencoder_settings(config.autoencoder.to_dict()),
             "data": _without_later_defaults("data", config.data.to_dict()), "seed": config.seed}
 
 

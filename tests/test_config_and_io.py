@@ -82,10 +82,10 @@ def test_shipped_configs_validate():
         validate(predator_prey.get_config(variant), n_observables=2)
     with pytest.raises(ValueError, match="unknown predator_prey config variant"):
         predator_prey.get_config("huge")
-    for variant in ("", "short", "smoke"):
+    for variant in ("", "short", "smoke", "fire", "fire,short"):
         validate(lj800.get_config(variant), n_observables=1, integrators=("velocity_verlet",))
-    with pytest.raises(ValueError, match="unknown lj800 config variant"):
-        lj800.get_config("huge")
+    with pytest.raises(ValueError, match="unknown lj800 config variant 'huge'"):
+        lj800.get_config("fire,huge")
     for variant in ("", "smoke"):
         validate(allen_cahn.get_config(variant), n_observables=1)
     config = allen_cahn.get_config()
@@ -177,3 +177,18 @@ def test_run_names_are_flat_directory_names():
     assert run_name("xp:1/4", 60_000) == run_name("xp:0.25", 60_000) == "xp_p0.25_budget60000"
     assert run_name("z", 600) == "z_budget600"
     assert run_name("xp:1/16", 10**6, "mlp") == "mlp_xp_p0.0625_budget1000000"
+
+
+def test_lj800_start_and_specs_of_older_data():
+    """The reproduction starts from the reference's LAMMPS state; ':fire' from ours,
+    which is what data saved before the option existed were made with, so their
+    specs (no 'initial' field) still match it and not the LAMMPS start."""
+    from macro_jax import experiment
+
+    assert lj800.get_config("").system.params.initial == "lammps_reference"
+    fire = lj800.get_config("fire,short")
+    assert fire.system.params.initial == "fire" and fire.train.epochs == 200
+    older = fire.system.to_dict()
+    del older["params"]["initial"]
+    assert experiment.system_spec(fire) == older
+    assert experiment.system_spec(lj800.get_config(""))["params"]["initial"] == "lammps_reference"

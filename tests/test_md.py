@@ -181,3 +181,41 @@ def test_system_trajectory_fn_runs_the_protocol():
                                      labels=False)
     assert bare.forces is None
     np.testing.assert_array_equal(np.asarray(bare.xs), np.asarray(traj.xs))
+
+
+def test_lammps_reference_state_matches_our_potential_and_protocol():
+    """The reference's LAMMPS start (create_atoms seed 34141, velocity seed 87878, its
+    short minimisation): our truncated LJ energy at LAMMPS's positions is LAMMPS's, the
+    velocities are at T = 1 with zero momentum, and every run of a dataset starts from
+    that one state with its velocities scaled to the run's T0."""
+    from macro_jax.systems import lammps_initial
+
+    calc = calculator()
+    positions, unit_v, info = lammps_initial.reference_initial_state(N_ATOMS, BOX)
+    assert positions.shape == unit_v.shape == (3 * N_ATOMS,)
+    assert positions.min() >= 0.0 and positions.max() < BOX
+    # A short minimisation: far below the inserted energy (overlaps), far above a minimum.
+    assert 0 < info["minimize_iterations"] < 1000 and info["pe_per_atom_inserted"] > 1e3
+    energy = float(calc.potential_energy(jnp.asarray(positions), calc.allocate(jnp.asarray(positions))))
+    assert abs(energy / N_ATOMS - info["pe_per_atom_minimised"]) < 1e-10
+    assert energy / N_ATOMS > float(calc.potential_energy(minimised(), calc.allocate(minimised()))) / N_ATOMS + 0.5
+    x = jnp.concatenate([jnp.zeros(3 * N_ATOMS), jnp.asarray(unit_v)])
+    assert abs(float(observables.temperature(x, N_ATOMS)[0]) - 1.0) < 1e-12
+    assert np.abs(unit_v.reshape(-1, 3).sum(0)).max() < 1e-12
+    # the same state again (fixed seeds), and in a dataset: one start, velocities sqrt(T0) x unit
+    again, _, _ = lammps_initial.reference_initial_state(N_ATOMS, BOX)
+    np.testing.assert_array_equal(again, positions)
+    data = md.make_lj_dataset(calc, jr.PRNGKey(5), 2, n_steps=3, initial="lammps_reference")
+    xs, T0 = np.asarray(data.trajectories.xs), np.asarray(data.T0)
+    for i in range(2):
+        np.testing.assert_allclose(xs[i, 0, : 3 * N_ATOMS], positions, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(xs[i, 0, 3 * N_ATOMS:], np.sqrt(T0[i]) * unit_v, rtol=1e-12)
+
+
+def test_initial_state_option_is_checked():
+    with pytest.raises(ValueError, match="system.params.initial='lamps'.*must be one of"):
+        make_particle_calculator(N_ATOMS, BOX, initial="lamps")
+    with pytest.raises(ValueError, match="initial='lammps_reference'.*pair_fn='lennard_jones'"):
+        make_particle_calculator(N_ATOMS, BOX, pair_fn="morse", initial="lammps_reference")
+    with pytest.raises(ValueError, match="needs system.params.same_initial=True"):
+        md.make_lj_dataset(calculator(), jr.PRNGKey(0), 2, same_initial=False, initial="lammps_reference")

@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from macro_jax import observables
 from macro_jax.systems.base import Trajectories
-from macro_jax.systems.particles import LIST_SLACK, ParticleCalculator, raise_if, use_cell_list, wrap_positions
+from macro_jax.systems.particles import INITIAL_STATES, LIST_SLACK, ParticleCalculator, raise_if, use_cell_list, wrap_positions
 
 
 def skin_neighbor_fn(calc: ParticleCalculator, skin: float, capacity_multiplier: float = 1.25):
@@ -337,6 +337,7 @@ def make_lj_dataset(
     dtype=jnp.float64,
     minimize_kwargs: dict | None = None,
     nve_kwargs: dict | None = None,
+    initial: str = "fire",
 ) -> MDDataset:
     """``n_runs`` NVE runs (``make_nve``) with ``T0 ~ U(T0_range)`` each.
 
@@ -347,18 +348,39 @@ def make_lj_dataset(
     The NVE runs go to ``make_nve`` ``batch_size`` at a time (default all),
     sharing one neighbour-list capacity per batch; ``nve_kwargs`` may set its
     ``vmap_size`` (runs vmapped together; 1, sequential, is fastest on a CPU).
+
+    ``initial`` picks the shared start of ``same_initial=True``: ``"fire"``
+    (insertion and FIRE from ``key``, as above) or ``"lammps_reference"``, the
+    reference's LAMMPS state with its fixed seeds and short minimisation
+    (``lammps_initial.reference_initial_state``; Lennard-Jones only, needs
+    LAMMPS); T0 is drawn from ``key`` either way.
     """
     n = calc.n_atoms
     t_key, pos_key, vel_key = jr.split(key, 3)
     T0 = jr.uniform(t_key, (n_runs,), jnp.float64, T0_range[0], T0_range[1])
-    initial = make_minimizer(calc, **(minimize_kwargs or {}))
-    if same_initial:
-        positions = jnp.broadcast_to(initial(pos_key), (n_runs, 3 * n))
-        vel_keys = jnp.broadcast_to(vel_key, (n_runs,) + vel_key.shape)
+    if initial not in INITIAL_STATES:
+        raise ValueError(f"system.params.initial={initial!r} must be one of {INITIAL_STATES}")
+    if initial == "lammps_reference":
+        if not same_initial:
+            raise ValueError("system.params.initial='lammps_reference' is one fixed state: it needs "
+                             "system.params.same_initial=True")
+        from macro_jax.systems import lammps_initial
+
+        start, unit_velocities, info = lammps_initial.reference_initial_state(
+            n, calc.box_size, calc.cutoff, calc.mass)
+        logging.info("md: the reference's LAMMPS state: %d CG iterations, potential energy %.4f per atom",
+                     info["minimize_iterations"], info["pe_per_atom_minimised"])
+        positions = jnp.broadcast_to(jnp.asarray(start), (n_runs, 3 * n))
+        velocities = jnp.sqrt(T0)[:, None] * jnp.asarray(unit_velocities)[None, :]
     else:
-        positions = jnp.stack([initial(k) for k in jr.split(pos_key, n_runs)])
-        vel_keys = jr.split(vel_key, n_runs)
-    velocities = jax.vmap(initial_velocities, (0, None, 0, None))(vel_keys, n, T0, calc.mass)
+        minimizer = make_minimizer(calc, **(minimize_kwargs or {}))
+        if same_initial:
+            positions = jnp.broadcast_to(minimizer(pos_key), (n_runs, 3 * n))
+            vel_keys = jnp.broadcast_to(vel_key, (n_runs,) + vel_key.shape)
+        else:
+            positions = jnp.stack([minimizer(k) for k in jr.split(pos_key, n_runs)])
+            vel_keys = jr.split(vel_key, n_runs)
+        velocities = jax.vmap(initial_velocities, (0, None, 0, None))(vel_keys, n, T0, calc.mass)
     x0 = jnp.concatenate([positions, velocities], axis=1)
 
     run = make_nve(calc, dt, n_steps, save_every=save_every, dtype=dtype, **(nve_kwargs or {}))
@@ -381,5 +403,5 @@ def total_energy(calc: ParticleCalculator, x, nbrs=None) -> Float[Array, ""]:
     return kinetic + calc.potential_energy(x, nbrs)
 
 
-__all__ = ["random_insertion", "make_minimizer", "initial_positions", "initial_velocities", "make_nve", "run_nve",
+__all__ = ["INITIAL_STATES", "random_insertion", "make_minimizer", "initial_positions", "initial_velocities", "make_nve", "run_nve",
            "MDDataset", "make_lj_dataset", "total_energy", "skin_neighbor_fn"]

@@ -77,6 +77,9 @@ LIST_SLACK = 1e-5
 # took 31, 29 and 25 ms; at 3 the runs average 34 atoms, and finer cells pad more.
 X_DIVISIONS = 3
 
+# The shared start of the reference protocol's runs (``initial`` below).
+INITIAL_STATES = ("fire", "lammps_reference")
+
 
 def resolve_pair_fn(pair_fn: PairFn | str | None, pair_params: dict | None = None) -> PairFn:
     """A pair energy ``u(r)``: a callable as is, a name from ``PAIR_FNS`` bound
@@ -242,6 +245,7 @@ def make_particle_calculator(
     T0_range: tuple[float, float] = (0.5, 1.5),
     md_batch_size: int = 16,
     same_initial: bool = True,
+    initial: str = "fire",
 ) -> ParticleCalculator:
     """Builds the calculator (see module doc).
 
@@ -274,8 +278,19 @@ def make_particle_calculator(
         run of one call starts from one minimised configuration and one
         velocity draw, only T0 differs. False: each run inserts, minimises and
         draws its own (independent runs).
+      initial: the shared start of ``same_initial``: ``"fire"`` (random
+        insertion and FIRE to |F| < 1e-3, jax-md) or ``"lammps_reference"``
+        (the reference's LAMMPS state: fixed seeds and its short minimisation;
+        Lennard-Jones eps = sigma = 1 only, needs LAMMPS; see
+        ``lammps_initial``).
     """
     n = int(n_atoms)
+    if initial not in INITIAL_STATES:
+        raise ValueError(f"system.params.initial={initial!r} must be one of {INITIAL_STATES}")
+    if initial == "lammps_reference" and (pair_fn not in (None, "lennard_jones") or pair_params):
+        raise ValueError(f"system.params.initial='lammps_reference' is the reference's Lennard-Jones state "
+                         f"(eps = sigma = 1): it needs pair_fn='lennard_jones' without pair_params, "
+                         f"not pair_fn={pair_fn!r}, pair_params={pair_params!r}")
     box_size = float(box_size)
     cutoff = float(cutoff)
     if n < 2:
@@ -477,7 +492,8 @@ def make_particle_calculator(
 
         return md.make_lj_dataset(calculator, key, n_traj, tuple(T0_range), same_initial=same_initial, dt=dt,
                                   n_steps=n_steps, save_every=save_every, dtype=dtype,
-                                  batch_size=md_batch_size, nve_kwargs={"labels": labels}).trajectories
+                                  batch_size=md_batch_size, nve_kwargs={"labels": labels},
+                                  initial=initial).trajectories
 
     def pair_energy(r):
         r = jnp.asarray(r)
