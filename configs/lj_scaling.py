@@ -3,7 +3,8 @@
 One sweep per size (variant = number of atoms: 800, 2700, 6400, 21600), each
 over training-set sizes for L_z (all atoms' forces) and L_x,p (50 atoms per
 configuration), 10-member OnsagerNet ensembles, errors against the TRUE test
-trajectories:
+trajectories; every run starts from the reference's LAMMPS state at that size
+(lj800's system.params.initial):
   python experiments/sweep.py --config configs/lj_scaling.py:2700 --workdir workdirs/lj2700 \
       --out docs/results/lj_scaling_2700.json
 then Fig. 4 from the per-size files:

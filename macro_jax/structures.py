@@ -42,14 +42,15 @@ def model_config(config, model: str):
 
 
 def run_structures(config, workdir: str) -> list[dict]:
-    """Every (model, loss) result, each with a ``model`` field."""
+    """Every (model, loss) result, each with ``model`` and ``initial`` (the MD
+    runs' start, ``system.params.initial``) fields."""
     get_prep = experiment.memo_prepare(config, workdir)
     results = []
     for model in config.structures.models:
         for spec in config.train.runs:
             result = experiment.cached_run(model_config(config, model), spec, config.train.budget, workdir,
                                            get_prep, tag=model)
-            results.append(dict(result, model=model))
+            results.append(dict(result, model=model, initial=config.system.params.get("initial", "fire")))
     return results
 
 
@@ -59,7 +60,7 @@ def rows(results: list[dict]) -> list[dict]:
         {"model": r["model"], "loss": r["loss"], "run": r["run"], "label": experiment.run_label(r), "p": r["p"],
          "member": i, "seed": seed, "test_error": err,
          "budget": r["budget"], "n_configs": r["n_configs"], "n_force_computations": r["n_force_computations"],
-         "epochs": r["settings"]["train"]["epochs"]}
+         "epochs": r["settings"]["train"]["epochs"], "initial": r.get("initial", "fire")}
         for r in results for i, (seed, err) in enumerate(zip(r["seeds"], r["test_errors"]))
     ]
 

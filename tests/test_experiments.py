@@ -231,6 +231,7 @@ def test_lj_structures_smoke(tmp_path):
     rows = structures.rows(results)
     assert len(rows) == 6 * len(config.train.seeds)
     assert {"model", "loss", "member", "test_error"} <= set(rows[0])
+    assert {r["initial"] for r in rows} == {"lammps_reference"}  # the smoke config's start, recorded
     assert "| MLP | L_z | 20 x 100 |" in structures.table(results) and "2.60e-02" not in structures.table(results)
 
     prep = experiment.prepare(config, workdir)  # reads the data back

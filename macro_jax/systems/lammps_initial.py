@@ -6,10 +6,10 @@ check), ``velocity all create T 87878 dist gaussian`` (zero momentum, scaled
 to exactly T), then ``minimize 1.0e-1 1.0e-4 1000 10000``. That minimisation
 is short: its energy tolerance of 10 % per iteration stops conjugate gradients
 after a few dozen iterations, far above the nearest minimum (at 800 atoms: 33
-iterations, potential energy -4.28 per atom, against -6.80 when minimised to
-|F| < 1e-3). In NVE the excess potential energy heats the system: T first dips
-and then rises well above T0 (1.0 -> 1.35 over 250 steps), whereas from a deep
-minimum T falls to about T0 / 2. The learned temperature dynamics are
+iterations, potential energy -4.28 per atom, against -6.62 after our FIRE to
+max |F| < 1e-3). In NVE the excess potential energy heats the system: T first
+dips and then rises well above T0 (1.056 -> 0.81 -> 1.39 over 250 steps),
+whereas from a minimum T falls to about T0 / 2 (1.056 -> 0.46 -> 0.55). The learned temperature dynamics are
 therefore different, so the reproduction configs can start from this state
 (``system.params.initial = "lammps_reference"``); the NVE runs themselves are
 jax-md's (they agree with LAMMPS to 3e-8 in T over 200 steps).
