@@ -60,6 +60,11 @@ def _check_sidecar(path: str, expect: dict[str, Any] | None) -> dict[str, Any]:
     return meta
 
 
+def load_sidecar(path: str) -> dict[str, Any]:
+    """The metadata of a file saved here (its checksum checked)."""
+    return _check_sidecar(path, None)
+
+
 def save_arrays(path: str, arrays: dict[str, Any], metadata: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"  # unique: processes may write the same file

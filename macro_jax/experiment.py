@@ -514,6 +514,9 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
         # what the numbers depend on: later calls in the same workdir reuse this run (finished_run)
         "settings": settings,
+        # the encoder it was trained on: a result copied into another workdir is reused only there
+        # if that workdir's autoencoder is the same file (check_autoencoder)
+        "autoencoder_sha256": autoencoder_sha256(workdir),
     }
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
@@ -644,8 +647,28 @@ def finished_run(config, spec: str, budget: int, workdir: str, tag: str = "") ->
         result = json.load(f)
     if _normalised(result.get("settings") or {}) != _settings(config, spec):
         raise RuntimeError(f"{path} was made with other settings; use a fresh --workdir")
+    check_autoencoder(result, workdir, path)
     logging.info("%s: reusing %s", name, path)
     return result
+
+
+def autoencoder_sha256(workdir: str) -> str | None:
+    """SHA-256 of ``workdir``'s trained autoencoder file (from its checked sidecar), None before it exists."""
+    path = os.path.join(workdir, "autoencoder", "model.eqx")
+    return checkpoint.load_sidecar(path)["sha256"] if os.path.exists(path) else None
+
+
+def check_autoencoder(result: dict, workdir: str, where: str) -> None:
+    """Refuses a result trained on another autoencoder than ``workdir``'s (results
+    carry the file's SHA-256; one copied from another workdir or session is
+    reused only where the same config and seed rebuilt the same file). Results
+    saved before the field existed, or a workdir without a trained autoencoder
+    yet, pass (``sweep.run_sweep`` checks again once it exists)."""
+    saved, here = result.get("autoencoder_sha256"), autoencoder_sha256(workdir)
+    if saved and here and saved != here:
+        raise RuntimeError(f"{where} was trained on another autoencoder (sha256 {saved[:12]}...) than "
+                           f"{workdir}/autoencoder/model.eqx ({here[:12]}...); results of different "
+                           "encoders are never mixed: use the workdir it came from or retrain it")
 
 
 def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:

@@ -48,7 +48,10 @@ def grid(config) -> list[tuple[str, int]]:
 
 def run_sweep(config, workdir: str) -> list[dict]:
     get_prep = experiment.memo_prepare(config, workdir)
-    return [experiment.cached_run(config, spec, budget, workdir, get_prep) for spec, budget in grid(config)]
+    results = [experiment.cached_run(config, spec, budget, workdir, get_prep) for spec, budget in grid(config)]
+    for r in results:  # results reused before a later run trained the autoencoder are checked now
+        experiment.check_autoencoder(r, workdir, f"run {experiment.run_name(r['run'], r['budget'])}")
+    return results
 
 
 def forces_to_etol(results: list[dict], e_tol: float = E_TOL) -> dict[str, dict]:

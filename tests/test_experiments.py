@@ -132,6 +132,45 @@ def test_sweep_smoke_resumes(tmp_path):
         sweep.run_sweep(config, str(tmp_path))
 
 
+def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoencoder(tmp_path, monkeypatch):
+    """The cross-session path: a sweep's result.json files copied into a fresh
+    workdir are reused; the autoencoder the fresh workdir trains (same config,
+    same seed) is the same file, so they pass; a result trained on another
+    autoencoder is refused, also when found before the autoencoder existed."""
+    import shutil
+
+    config = predator_prey.get_config("smoke")
+    config.train.epochs = 2
+    config.sweep.budgets = (2_000,)
+    first = str(tmp_path / "first")
+    results = sweep.run_sweep(config, first)
+    sha = experiment.autoencoder_sha256(first)
+    assert sha and all(r["autoencoder_sha256"] == sha for r in results)
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(os.path.join(first, "runs"), os.path.join(fresh, "runs"))
+    trained = []
+    real_run_loss = experiment.run_loss
+    monkeypatch.setattr(experiment, "run_loss", lambda *a, **k: trained.append(a[3]) or real_run_loss(*a, **k))
+    config.sweep.budgets = (2_000, 4_000)  # one more budget: the fresh workdir trains its autoencoder
+    again = sweep.run_sweep(config, fresh)
+    assert trained == [4_000, 4_000]  # the copied runs were reused, the new ones trained
+    assert experiment.autoencoder_sha256(fresh) == sha  # determinism: the same encoder file
+    assert [r for r in again if r["budget"] == 2_000] == results
+    (copied,) = glob.glob(os.path.join(fresh, "runs", "z_budget2000*", "result.json"))
+    with open(copied) as f:
+        saved = json.load(f)
+    saved["autoencoder_sha256"] = "0" * 64
+    with open(copied, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(RuntimeError, match="another autoencoder"):
+        sweep.run_sweep(config, fresh)
+    # found before the autoencoder exists (a run still to train makes it): checked once it does
+    os.remove(os.path.join(fresh, "autoencoder", "model.eqx"))
+    shutil.rmtree(os.path.dirname(glob.glob(os.path.join(fresh, "runs", "z_budget4000*", "result.json"))[0]))
+    with pytest.raises(RuntimeError, match="another autoencoder"):
+        sweep.run_sweep(config, fresh)
+
+
 def test_relative_error_metric():
     true = jnp.asarray([[[3.0, 4.0], [3.0, 4.0]]])  # |z| = 5 at both times
     pred = true + jnp.asarray([[[0.0, 1.0], [0.0, 0.0]]])
