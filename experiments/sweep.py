@@ -4,7 +4,12 @@
       --out docs/results/predator_prey.json
 Resumable: finished runs in --workdir are reused, so the grid can be split
 over processes (--config.sweep.runs=...) and collected by a last full call.
+--out also exports every run's result to <stem>_runs/; in a fresh workdir (a
+new machine or session) --resume_from <stem>_runs reuses them, if the same
+config and seed rebuild the same autoencoder (checked by its SHA-256).
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -13,7 +18,10 @@ from macro_jax import experiment, sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run of the sweep.")
-_OUT = flags.DEFINE_string("out", None, "JSON file for the per-seed rows; a .png and .md are written beside it.")
+_OUT = flags.DEFINE_string("out", None, "JSON file for the per-seed rows; a .png and .md are written beside it, "
+                           "and every run's result to <stem>_runs/ (what --resume_from reads).")
+_RESUME = flags.DEFINE_string("resume_from", None, "Folder of run results a sweep's --out exported (<stem>_runs/): "
+                              "copied into --workdir first, reused if their settings and autoencoder match.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,9 +29,13 @@ def main(argv):
     del argv
     config = _CONFIG.value
     logging.info("config:\n%s", config)
+    if _RESUME.value:
+        logging.info("copied from %s: %s", _RESUME.value, sweep.import_runs(_RESUME.value, _WORKDIR.value))
     results = sweep.run_sweep(config, _WORKDIR.value)
     experiment.report(results, _OUT.value, lambda rs: sweep.table(rs, config.system.name), sweep.rows,
                       lambda rs, path: sweep.plot(rs, config.system.name, path))
+    if _OUT.value:
+        sweep.export_runs(results, os.path.splitext(_OUT.value)[0] + "_runs")
 
 
 if __name__ == "__main__":

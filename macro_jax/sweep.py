@@ -8,6 +8,10 @@ and a last call over the whole grid only collects.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+
 import numpy as np
 
 from macro_jax import experiment, plotting
@@ -52,6 +56,34 @@ def run_sweep(config, workdir: str) -> list[dict]:
     for r in results:  # results reused before a later run trained the autoencoder are checked now
         experiment.check_autoencoder(r, workdir, f"run {experiment.run_name(r['run'], r['budget'])}")
     return results
+
+
+def export_runs(results: list[dict], directory: str) -> None:
+    """Writes each run's result (``result.json``, settings and autoencoder checksum
+    included) to ``directory/<run name>.json``: small files to commit beside the
+    sweep's rows, from which ``import_runs`` resumes the sweep in a fresh workdir."""
+    os.makedirs(directory, exist_ok=True)
+    for r in results:
+        experiment.write_json(os.path.join(directory, experiment.run_name(r["run"], r["budget"]) + ".json"), r)
+
+
+def import_runs(directory: str, workdir: str) -> list[str]:
+    """Copies the results ``export_runs`` wrote into ``workdir/runs/<name>/result.json``
+    where the workdir has none; returns the names copied. ``run_sweep`` then reuses
+    them like its own: only with the same settings and the same autoencoder
+    (``experiment.finished_run``, ``experiment.check_autoencoder``)."""
+    paths = sorted(glob.glob(os.path.join(directory, "*.json")))
+    if not paths:
+        raise FileNotFoundError(f"{directory}: no exported run results (*.json) to resume from")
+    copied = []
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        target = os.path.join(workdir, "runs", name, "result.json")
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(path, target)
+            copied.append(name)
+    return copied
 
 
 def forces_to_etol(results: list[dict], e_tol: float = E_TOL) -> dict[str, dict]:

@@ -133,10 +133,10 @@ def test_sweep_smoke_resumes(tmp_path):
 
 
 def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoencoder(tmp_path, monkeypatch):
-    """The cross-session path: a sweep's result.json files copied into a fresh
-    workdir are reused; the autoencoder the fresh workdir trains (same config,
-    same seed) is the same file, so they pass; a result trained on another
-    autoencoder is refused, also when found before the autoencoder existed."""
+    """The cross-session path: a sweep's exported run results, imported into a
+    fresh workdir, are reused; the autoencoder the fresh workdir trains (same
+    config, same seed) is the same file, so they pass; a result trained on
+    another autoencoder is refused, also when found before the autoencoder existed."""
     import shutil
 
     config = predator_prey.get_config("smoke")
@@ -146,8 +146,12 @@ def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoe
     results = sweep.run_sweep(config, first)
     sha = experiment.autoencoder_sha256(first)
     assert sha and all(r["autoencoder_sha256"] == sha for r in results)
-    fresh = str(tmp_path / "fresh")
-    shutil.copytree(os.path.join(first, "runs"), os.path.join(fresh, "runs"))
+    exported, fresh = str(tmp_path / "exported"), str(tmp_path / "fresh")
+    sweep.export_runs(results, exported)
+    assert sorted(sweep.import_runs(exported, fresh)) == sorted(os.listdir(os.path.join(first, "runs")))
+    assert sweep.import_runs(exported, fresh) == []  # never over a workdir's own results
+    with pytest.raises(FileNotFoundError, match="no exported run results"):
+        sweep.import_runs(str(tmp_path), fresh)
     trained = []
     real_run_loss = experiment.run_loss
     monkeypatch.setattr(experiment, "run_loss", lambda *a, **k: trained.append(a[3]) or real_run_loss(*a, **k))
