@@ -77,3 +77,11 @@ def evaluate_ensemble(nets, stats, ae, x0s, true_obs, times, *, substeps: int = 
     zs = jax.jit(jax.vmap(member))(params, stats)
     pred_obs = zs[..., : ae.n_observables]
     return trajectory_errors(pred_obs, true_obs[None], relative_floor), pred_obs
+
+
+def last_member_errors(pred_obs):
+    """The reference's Fig. 4 number, kept only to compare with the paper: each
+    member's relative error against the LAST member's rollout instead of the
+    truth (method.md section 5), mean over trajectories; the last member scores
+    0. ``pred_obs`` (members, n_traj, T, d_obs) -> (members,)."""
+    return jnp.mean(trajectory_errors(pred_obs, pred_obs[-1:]), axis=-1)

@@ -510,6 +510,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "test_error_mean": float(np.mean(member_errors)),
         "test_error_std": float(np.std(member_errors)),
         "n_failed_rollouts": int(np.sum(~np.isfinite(np.asarray(errors)))),
+        # the paper's flawed Fig. 4 metric (against the last member, not the truth), for comparison only
+        "last_member_errors": np.asarray(evaluation.last_member_errors(pred_obs), np.float64).tolist(),
         "train_seconds": train_seconds,
         "final_train_loss": np.asarray(history["loss"][-1]).tolist(),
         # what the numbers depend on: later calls in the same workdir reuse this run (finished_run)
@@ -522,7 +524,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
     # the members' test rollouts (observables), so that a finished run is reported without retraining
     checkpoint.save_arrays(os.path.join(run_dir, ROLLOUTS), {"pred_obs": np.asarray(pred_obs)},
-                           _rollouts_meta(spec, budget, settings))
+                           rollouts_meta(spec, budget, settings))
     np.savez(os.path.join(run_dir, "history.npz"), **history)
     write_json(os.path.join(run_dir, "result.json"), result)
     monitor_path = resume_path + ".monitor.npz"
@@ -576,7 +578,7 @@ def _make_monitor(prep: Prepared, config, nets, stats, held):
 ROLLOUTS = "rollouts.npz"  # a finished run's test rollouts, beside its result.json
 
 
-def _rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
+def rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
     return {"run": spec, "budget": int(budget), "settings": settings}
 
 
@@ -712,7 +714,7 @@ def _reported_run(prep: Prepared, config, spec: str, workdir: str) -> dict:
     if result is None:
         return run_loss(prep, config, spec, budget, workdir)
     run_dir = os.path.join(workdir, "runs", run_name(spec, budget))
-    path, meta = os.path.join(run_dir, ROLLOUTS), _rollouts_meta(spec, budget, result["settings"])
+    path, meta = os.path.join(run_dir, ROLLOUTS), rollouts_meta(spec, budget, result["settings"])
     if os.path.exists(path):
         pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]
     else:

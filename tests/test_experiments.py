@@ -120,6 +120,17 @@ def test_sweep_smoke_resumes(tmp_path):
     rows = sweep.rows(results)
     assert {"loss", "p", "budget", "seed", "test_error"} <= set(rows[0])
     assert sweep.run_sweep(config, str(tmp_path)) == results  # second call only reads
+    for r in results:  # the paper's Fig. 4 metric: against the last member, which scores 0
+        assert len(r["last_member_errors"]) == len(r["seeds"]) and r["last_member_errors"][-1] == 0.0
+        assert min(r["last_member_errors"][:-1]) > 0
+    # a run saved before results carried that metric gets it from its saved rollouts
+    (old,) = glob.glob(os.path.join(str(tmp_path), "runs", "z_budget2000*", "result.json"))
+    with open(old) as f:
+        saved = json.load(f)
+    del saved["last_member_errors"]
+    with open(old, "w") as f:
+        json.dump(saved, f)
+    assert sweep.run_sweep(config, str(tmp_path)) == results
     # bookkeeping is not part of a result's settings (results saved before
     # autoencoder.checkpoint_every existed stay valid) and does not invalidate one
     for path in glob.glob(os.path.join(str(tmp_path), "runs", "*", "result.json")):
@@ -179,6 +190,13 @@ def test_relative_error_metric():
     true = jnp.asarray([[[3.0, 4.0], [3.0, 4.0]]])  # |z| = 5 at both times
     pred = true + jnp.asarray([[[0.0, 1.0], [0.0, 0.0]]])
     np.testing.assert_allclose(np.asarray(evaluation.trajectory_errors(pred, true)), [1.0 / 10.0])
+
+
+def test_last_member_metric_is_the_spread_around_the_last_member():
+    """The paper's Fig. 4 number: member m against the last member's rollout."""
+    t = jnp.linspace(1.0, 2.0, 5)[None, :, None]  # (traj, T, 1)
+    pred = jnp.stack([t * 1.1, t * 0.8, t])  # members 10% above, 20% below, and the last
+    np.testing.assert_allclose(evaluation.last_member_errors(pred), [0.1, 0.2, 0.0], rtol=1e-5)
 
 
 def test_relative_floor_drops_vanished_frames():

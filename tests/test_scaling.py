@@ -68,6 +68,24 @@ def test_smoke_sweep_and_fig4_collector(tmp_path):
     assert os.path.getsize(tmp_path / "fig4.png") > 0
 
 
+def test_collector_scores_the_papers_flawed_metric_beside_the_true_one():
+    """Runs that recorded the error against the last member get a second e_tol
+    budget from it; the true one is unchanged; a loss whose runs lack it gets none."""
+    def rows_for(spec, loss, k, true, last):
+        return [{"loss": loss, "run": spec, "p": 1.0, "budget": n * k, "seed": 1, "test_error": e, "n_configs": n,
+                 "sites_per_config": k, "n_force_computations": n * k, "force_seconds": 1.0,
+                 **({"last_member_error": m} if m is not None else {})}
+                for n, e, m in zip((100, 1000), true, last)]
+
+    rows = rows_for("z", "L_z", 800, (1e-2, 1e-3), (1e-3, 1e-4)) + rows_for("xp:50/800", "L_x,p", 50, (1e-2, 1e-3),
+                                                                              (None, None))
+    by = {r["label"]: r for r in scaling.collect([rows], e_tol=3e-3)}
+    assert by["L_z"]["bound"] == "interpolated" and by["L_z"]["forces_to_etol"] > 8e4
+    assert by["L_z"]["bound_last_member"] == "at most" and by["L_z"]["forces_to_etol_last_member"] == 8e4
+    assert "forces_to_etol_last_member" not in by["L_x,p"]
+    assert "| 800 | L_z | interpolated 2.67e+05 | 1 | 1.2e+06 | at most 8e+04 |" in scaling.table(list(by.values()))
+
+
 def test_collector_keeps_our_options_apart_from_the_papers_runs(tmp_path):
     """With "z:normalised" beside "z" (both loss L_z), every run keeps its own row,
     ratio and curve; the paper's points and ratio go with the plain runs only."""
