@@ -42,7 +42,7 @@ def test_scaling_configs_and_grid():
         assert config.sweep.runs == ("z", f"xp:50/{n}")
         assert config.system.params.n_atoms / config.system.params.box_size**3 == pytest.approx(0.8)
     pairs = sweep.grid(lj_scaling.get_config("2700"))
-    assert ("z", 250 * 2700) in pairs and (f"xp:50/2700", 500 * 50) in pairs
+    assert ("z", 250 * 2700) in pairs and (f"xp:50/2700", 1000 * 50) in pairs
     with pytest.raises(ValueError, match="unknown lj_scaling config variant"):
         lj_scaling.get_config("1000")
     config = lj_scaling.get_config("smoke")
