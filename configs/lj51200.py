@@ -16,14 +16,12 @@ of 5 runs (13.8 GB in float32, read memory-mapped; a second process started
 with --data_only shares the generation), the autoencoder checkpoints every
 epoch, the ensembles every 50 epochs.
 
-As at the smaller sizes, every run starts from the reference's LAMMPS state
-at this size (its seeds, random insertion and short minimisation) with its own
-T0. Differences: runs are simulated in blocks of 5 (forced by size; every
-block draws its own T0s); the autoencoder has one hidden layer (the
-reference's comment "only 1 layer"). Until 2026-12-03 each block started from
-its own jax-md FIRE minimum (2.8 h of one core for the 10 blocks, FIRE alone
-515-611 s a block); that pool was lost with its machine and is not the
-protocol any more.
+Differences from the smaller sizes: runs are simulated in blocks (forced by
+size), and each block starts from its own configuration, inserted and
+minimised by jax-md's FIRE (one configuration for all runs of a block), not
+from the reference's LAMMPS state as at the smaller sizes;
+the autoencoder has one hidden layer (the reference's comment "only 1
+layer").
 
 Variants (config argument after the colon):
   :smoke  100 atoms in blocks, seconds; used by the test suite.
@@ -47,7 +45,9 @@ def get_config(variant: str = ""):
     # A run of 51,200 atoms stores 250 frames x 307,200 values in float32 (0.3 GB)
     # plus its float64 labels while it is simulated: two runs per MD batch.
     c.system.params.md_batch_size = 2
-    # The pool and the test set are separate calls (blocks), each run with its own T0.
+    # Our jax-md start (insertion + FIRE), one per block: the pool was generated so
+    # before the reference's LAMMPS start became the default of the smaller sizes.
+    c.system.params.initial = "fire"
     c.data.one_ensemble = False
     c.data.block_trajectories = 2 if smoke else 5
     if not smoke:

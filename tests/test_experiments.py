@@ -333,12 +333,8 @@ def test_lj51200_config_and_smoke_run_with_stage_records(tmp_path):
     prep = experiment.prepare(config, workdir)
     assert isinstance(prep.pool, pool_lib.BlockPool) and len(prep.ae.encoder.layers) == 2  # one hidden layer
     n = config.system.params.n_atoms
-    # blocks 0 and 1 start from the reference's one LAMMPS state: the same positions,
-    # velocities of the same directions scaled to each run's own T0
-    (x0, v0), (x1, v1) = [np.split(np.asarray(prep.pool.take(np.asarray([b * 2 * 50]))[0]), 2) for b in range(2)]
-    np.testing.assert_array_equal(x0, x1)
-    assert not np.allclose(v0, v1)
-    np.testing.assert_allclose(v1 / np.linalg.norm(v1), v0 / np.linalg.norm(v0), atol=1e-6)
+    first = [np.asarray(prep.pool.take(np.asarray([b * 2 * 50]))[0, : 3 * n]) for b in range(2)]
+    assert not np.allclose(first[0], first[1])  # blocks 0 and 1 start from different minimised configurations
     with open(os.path.join(workdir, "stages.json")) as f:
         names = [s["stage"] for s in json.load(f)]
     expected = ["data", "autoencoder", "latent statistics"] + [
