@@ -45,6 +45,12 @@ def test_scaling_configs_and_grid():
     assert ("z", 250 * 2700) in pairs and (f"xp:50/2700", 1000 * 50) in pairs
     with pytest.raises(ValueError, match="unknown lj_scaling config variant"):
         lj_scaling.get_config("1000")
+    with pytest.raises(ValueError, match="unknown lj_scaling config variant"):
+        lj_scaling.get_config("800,short")
+    # the reference's LAMMPS start where its recipe minimises, our FIRE start elsewhere or when asked
+    starts = {n: lj_scaling.get_config(str(n)).system.params.initial for n in (800, 2700, 6400, 21600)}
+    assert starts == {800: "lammps_reference", 2700: "lammps_reference", 6400: "fire", 21600: "fire"}
+    assert lj_scaling.get_config("800,fire").system.params.initial == "fire"
     config = lj_scaling.get_config("smoke")
     config.sweep.n_configs = {"zz": (1,)}
     with pytest.raises(ConfigError, match="sweep.n_configs"):

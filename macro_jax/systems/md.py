@@ -370,6 +370,15 @@ def make_lj_dataset(
             n, calc.box_size, calc.cutoff, calc.mass)
         logging.info("md: the reference's LAMMPS state: %d CG iterations, potential energy %.4f per atom",
                      info["minimize_iterations"], info["pe_per_atom_minimised"])
+        if info["pe_per_atom_minimised"] > 0.0:
+            # Its 10 % energy tolerance can stop CG while inserted atoms still overlap
+            # (measured: -4.28 at 800 atoms, -4.16 at 2,700, but +28.7 at 6,400 and
+            # +2,777 at 21,600): NVE from there is a hot explosion, not the reference's data.
+            raise ValueError(
+                f"system.params.initial='lammps_reference' is unusable for {n} atoms in a box of "
+                f"{calc.box_size:g}: the reference's short minimisation stopped after {info['minimize_iterations']} "
+                f"CG iterations at a potential energy of {info['pe_per_atom_minimised']:+.4g} per atom (must be "
+                "<= 0: atoms still overlap); use system.params.initial='fire'")
         positions = jnp.broadcast_to(jnp.asarray(start), (n_runs, 3 * n))
         velocities = jnp.sqrt(T0)[:, None] * jnp.asarray(unit_velocities)[None, :]
     else:
