@@ -67,12 +67,25 @@ def table(rows_: list[dict]) -> str:
             for xp in (r for r in here if r["loss"] == "L_x,p"):
                 plain = (z["label"], xp["label"]) == ("L_z", "L_x,p")
                 both = "forces_to_etol_last_member" in z and "forces_to_etol_last_member" in xp
-                flawed = f"{z['forces_to_etol_last_member'] / xp['forces_to_etol_last_member']:.1f}x" if both else "–"
+                flawed = ratio_text(z["forces_to_etol_last_member"], xp["forces_to_etol_last_member"],
+                                    z["bound_last_member"], xp["bound_last_member"]) if both else "–"
                 lines.append(f"| {n:,} | ratio {z['label']} / {xp['label']} | "
-                             f"{z['forces_to_etol'] / xp['forces_to_etol']:.1f}x | "
-                             f"{z['seconds_to_etol'] / max(xp['seconds_to_etol'], 1e-12):.1f}x | "
+                             f"{ratio_text(z['forces_to_etol'], xp['forces_to_etol'], z['bound'], xp['bound'])} | "
+                             f"{ratio_text(z['seconds_to_etol'], xp['seconds_to_etol'], z['bound'], xp['bound'])} | "
                              f"{_ref_ratio(n) if plain else '–'} | {flawed} |")
     return "\n".join(lines)
+
+
+def ratio_text(a: float, b: float, bound_a: str, bound_b: str) -> str:
+    """``a / b`` with what the bounds of a and b ("interpolated", "at most",
+    "at least") make of it: an upper bound if a is at most or b at least its
+    value, a lower bound in the opposite case, and no bound if they pull apart."""
+    upper = bound_a == "at most" or bound_b == "at least"
+    lower = bound_a == "at least" or bound_b == "at most"
+    value = f"{a / max(b, 1e-12):.1f}x"
+    if upper and lower:
+        return f"{value}, not bounded ({bound_a} / {bound_b})"
+    return f"at most {value}" if upper else f"at least {value}" if lower else value
 
 
 def _ref_ratio(n: int) -> str:
