@@ -124,10 +124,15 @@ def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, site
 
 def labeller(system: MicroSystem, loss: str):
     """``label(xs, sites)`` for a batch of configurations: the forces of ``sites``
-    only (the subset calculator) for ``xp``, all forces otherwise (``sites`` unused)."""
+    only (the subset calculator, vmapped) for ``xp``, all forces otherwise
+    (``sites`` unused), one configuration after another: a full-force call's
+    temporaries (a jax-md neighbour build: 103 MiB per configuration at 2,700
+    atoms) times a vmapped chunk of 256 exhausted memory, and the sequential
+    map is also faster (measured, 32 configurations, one process: 10.4 vs 25.3
+    ms each at 800 atoms, 84.6 vs 152 ms at 2,700; the same forces bit for bit)."""
     if loss == "xp":
         return jax.vmap(system.subset_force_fn)
-    return lambda xs, _: jax.vmap(system.force_fn)(xs)
+    return lambda xs, _: jax.lax.map(system.force_fn, xs)
 
 
 def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, indices, sites=None,
