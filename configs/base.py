@@ -5,6 +5,7 @@ Never run directly; e.g.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -117,6 +118,11 @@ def get_config() -> ml_collections.ConfigDict:
     # reference's Allen-Cahn; one draw per run, shared by its members, and
     # nested: a run with fewer configurations takes a prefix of the same draw).
     c.train.draw_configs = "first"
+    # Seed of the "random" draw (None: the experiment seed, which also fixes the
+    # data and the autoencoder). Set it to repeat a run over data draws on the
+    # same data and autoencoder, in the same workdir: such runs are saved as
+    # runs/<name>_draw<seed>/ and their rows carry draw_seed.
+    c.train.draw_seed = config_dict.placeholder(int)
     c.train.seeds = (1, 2, 3)  # one ensemble member per seed, trained in one vmap
     c.train.epochs = 2000
     c.train.batch_size = 256

@@ -191,6 +191,11 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
     _require(t.draw_configs in ("first", "random"), "train.draw_configs", t.draw_configs, "must be 'first' or 'random'")
+    draw_seed = t.get("draw_seed", None)
+    _require(draw_seed is None or (isinstance(draw_seed, int) and not isinstance(draw_seed, bool) and draw_seed >= 0),
+             "train.draw_seed", draw_seed, "must be None (the experiment seed) or an integer >= 0")
+    _require(draw_seed is None or t.draw_configs == "random", "train.draw_seed", draw_seed,
+             "only the 'random' draw has a seed: set train.draw_configs='random' or leave draw_seed None")
     _require(0.0 <= config.eval.relative_floor < 1.0, "eval.relative_floor", config.eval.relative_floor, "must be in [0, 1)")
     _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
     g = config.get("diagnostics", None)

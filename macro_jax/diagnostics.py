@@ -321,7 +321,7 @@ def _cached_or_failed(config, spec: str, workdir: str, get_prep) -> dict:
     and reported as such (reused on the next call) instead of ending the sweep."""
     from macro_jax import experiment
 
-    name = experiment.run_name(spec, config.train.budget)
+    name = experiment.config_run_name(config, spec, config.train.budget)
     failed = os.path.join(workdir, "runs", name, "failed.json")
     settings = experiment._settings(config, spec)
     if os.path.exists(failed):

@@ -451,7 +451,7 @@ def _members(config, cfg, latent_dim: int):
 
 def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: str = "") -> dict:
     """Trains one ensemble (a member per seed) with one loss at one force budget,
-    in ``workdir/runs/<run_name(spec, budget, tag)>``.
+    in ``workdir/runs/<config_run_name(config, spec, budget, tag)>``.
 
     Each member has the whole budget and its own initialisation; for
     ``L_x,p`` also its own subsets unless ``train.shared_subsets`` (then one
@@ -462,7 +462,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     cfg = run_settings(config, loss)
     n_pool = pool_lib.n_configs(prep.pool)
     k, n = run_size(system, spec, budget, n_pool)
-    name = run_name(spec, budget, tag)
+    name = config_run_name(config, spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     seeds = tuple(cfg.seeds)
     nets, label_keys, shuffle_keys = _members(config, cfg, ae.latent_dim)
@@ -538,11 +538,13 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
 
 def config_indices(config, cfg, n_pool: int, n: int) -> np.ndarray:
     """Pool rows a run labels (``train.draw_configs``): the first n, or n drawn
-    without replacement by one permutation of the pool per experiment seed
-    (runs with fewer configurations take a prefix of the same draw)."""
+    without replacement by one permutation of the pool per experiment seed, or
+    per ``train.draw_seed`` where set (runs with fewer configurations take a
+    prefix of the same draw)."""
     if cfg.draw_configs == "first":
         return np.arange(n)
-    perm = jr.permutation(jr.fold_in(jr.PRNGKey(config.seed), 3), n_pool)
+    seed = config.seed if cfg.get("draw_seed", None) is None else cfg.draw_seed
+    perm = jr.permutation(jr.fold_in(jr.PRNGKey(seed), 3), n_pool)
     return np.asarray(perm[:n])
 
 
@@ -582,15 +584,32 @@ def rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
     return {"run": spec, "budget": int(budget), "settings": settings}
 
 
-def run_name(spec: str, budget: int, tag: str = "") -> str:
+def run_name(spec: str, budget: int, tag: str = "", draw_seed: int | None = None) -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``,
     ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``,
-    ``z_normalised_budget100000000`` for ``"z:normalised"``)."""
+    ``z_normalised_budget100000000`` for ``"z:normalised"``,
+    ``xp_p0.0625_budget250000_draw3`` with ``draw_seed=3``)."""
     loss, p = parse_run(spec)
     option = run_option(spec)
     body = (f"{loss}_p{p:g}" if loss == "xp" else loss) + (f"_{option}" if option else "")
-    return (f"{tag}_" if tag else "") + body + f"_budget{budget}"
+    draw = "" if draw_seed is None else f"_draw{int(draw_seed)}"
+    return (f"{tag}_" if tag else "") + body + f"_budget{budget}" + draw
+
+
+def config_run_name(config, spec: str, budget: int, tag: str = "") -> str:
+    """``run_name`` of ``spec`` at ``budget`` under ``config`` (its ``train.draw_seed``, per-loss overrides applied)."""
+    return run_name(spec, budget, tag, run_settings(config, parse_run(spec)[0]).get("draw_seed", None))
+
+
+def draw_seed_of(result: dict) -> int | None:
+    """The ``train.draw_seed`` a saved result was made with (None: the experiment seed's draw)."""
+    return ((result.get("settings") or {}).get("train") or {}).get("draw_seed", None)
+
+
+def result_run_name(result: dict) -> str:
+    """``run_name`` of a saved untagged result (a sweep's), its draw seed read from its settings."""
+    return run_name(result["run"], result["budget"], draw_seed=draw_seed_of(result))
 
 
 # train fields that change how a run is logged or saved, not its numbers, and
@@ -608,7 +627,7 @@ def _autoencoder_settings(fields: dict) -> dict:
 # saved settings, so that older files stay valid.
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
 _LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
-                   "train": {"draw_configs": "first", "monitor_every": 0, "shared_subsets": False}}
+                   "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False}}
 
 
 def _without_later_defaults(section: str, fields: dict) -> dict:
@@ -641,7 +660,7 @@ def finished_run(config, spec: str, budget: int, workdir: str, tag: str = "") ->
     same settings, or None if none finished there; a run finished with other
     settings is an error (results are never silently mixed or overwritten).
     Settings do not cover the code: after changing it, use a fresh workdir."""
-    name = run_name(spec, budget, tag)
+    name = config_run_name(config, spec, budget, tag)
     path = os.path.join(workdir, "runs", name, "result.json")
     if not os.path.exists(path):
         return None
@@ -713,7 +732,7 @@ def _reported_run(prep: Prepared, config, spec: str, workdir: str) -> dict:
     result = finished_run(config, spec, budget, workdir)
     if result is None:
         return run_loss(prep, config, spec, budget, workdir)
-    run_dir = os.path.join(workdir, "runs", run_name(spec, budget))
+    run_dir = os.path.join(workdir, "runs", config_run_name(config, spec, budget))
     path, meta = os.path.join(run_dir, ROLLOUTS), rollouts_meta(spec, budget, result["settings"])
     if os.path.exists(path):
         pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]

@@ -28,6 +28,10 @@ def collect(per_size_rows: list[list[dict]], e_tol: float = sweep.E_TOL) -> list
     out = []
     for rows_ in per_size_rows:
         results = sweep.results_from_rows(rows_)
+        draws = {r.get("draw_seed") for r in results}
+        if len(draws) > 1:
+            raise ValueError(f"one size's rows mix data draws (train.draw_seed {sorted(draws, key=str)}); "
+                             "collect each draw from its own file")
         n_atoms = max(r["sites_per_config"] for r in results)  # L_z labels every atom
         flawed = {}
         for spec in dict.fromkeys(r["run"] for r in results):

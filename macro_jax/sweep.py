@@ -55,14 +55,14 @@ def run_sweep(config, workdir: str) -> list[dict]:
     get_prep = experiment.memo_prepare(config, workdir)
     results = [experiment.cached_run(config, spec, budget, workdir, get_prep) for spec, budget in grid(config)]
     for r in results:  # results reused before a later run trained the autoencoder are checked now
-        experiment.check_autoencoder(r, workdir, f"run {experiment.run_name(r['run'], r['budget'])}")
+        experiment.check_autoencoder(r, workdir, f"run {experiment.result_run_name(r)}")
     return [_with_last_member_errors(r, workdir) for r in results]
 
 
 def _with_last_member_errors(result: dict, workdir: str) -> dict:
     """Adds the paper's Fig. 4 metric to a run finished before results carried it,
     from its saved test rollouts (left out when they are not in the workdir)."""
-    path = os.path.join(workdir, "runs", experiment.run_name(result["run"], result["budget"]), experiment.ROLLOUTS)
+    path = os.path.join(workdir, "runs", experiment.result_run_name(result), experiment.ROLLOUTS)
     if "last_member_errors" in result or not os.path.exists(path):
         return result
     meta = experiment.rollouts_meta(result["run"], result["budget"], result["settings"])
@@ -76,7 +76,7 @@ def export_runs(results: list[dict], directory: str) -> None:
     sweep's rows, from which ``import_runs`` resumes the sweep in a fresh workdir."""
     os.makedirs(directory, exist_ok=True)
     for r in results:
-        experiment.write_json(os.path.join(directory, experiment.run_name(r["run"], r["budget"]) + ".json"), r)
+        experiment.write_json(os.path.join(directory, experiment.result_run_name(r) + ".json"), r)
 
 
 def import_runs(directory: str, workdir: str) -> list[str]:
@@ -132,7 +132,8 @@ def forces_to_etol(results: list[dict], e_tol: float = E_TOL, error: str = "test
 
 
 def rows(results: list[dict]) -> list[dict]:
-    """One object per (loss, p, budget, seed), as committed in docs/results/."""
+    """One object per (loss, p, budget, seed), as committed in docs/results/
+    (with ``draw_seed`` where the run set ``train.draw_seed``)."""
     out = []
     for r in results:
         for i, (seed, err) in enumerate(zip(r["seeds"], r["test_errors"])):
@@ -141,16 +142,18 @@ def rows(results: list[dict]) -> list[dict]:
                         "n_force_computations": r["n_force_computations"], "force_seconds": r["force_seconds"]})
             if "last_member_errors" in r:  # the paper's Fig. 4 metric, for comparison only
                 out[-1]["last_member_error"] = r["last_member_errors"][i]
+            if experiment.draw_seed_of(r) is not None:  # a repeat over data draws (train.draw_seed)
+                out[-1]["draw_seed"] = experiment.draw_seed_of(r)
     return out
 
 
 def results_from_rows(rows_: list[dict]) -> list[dict]:
-    """Per (run, budget) results (mean and std over seeds) from per-seed rows."""
+    """Per (run, budget, draw seed) results (mean and std over seeds) from per-seed rows."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows_:
-        groups.setdefault((row["run"], row["budget"]), []).append(row)
+        groups.setdefault((row["run"], row["budget"], row.get("draw_seed")), []).append(row)
     out = []
-    for (spec, budget), rs in groups.items():
+    for (spec, budget, draw_seed), rs in groups.items():
         errors = [r["test_error"] for r in rs]
         out.append({"run": spec, "loss": rs[0]["loss"], "p": rs[0]["p"], "budget": budget,
                     "sites_per_config": rs[0]["sites_per_config"], "n_configs": rs[0]["n_configs"],
@@ -160,6 +163,8 @@ def results_from_rows(rows_: list[dict]) -> list[dict]:
         if all("last_member_error" in r for r in rs):
             last = [r["last_member_error"] for r in rs]
             out[-1].update(last_member_errors=last, last_member_error_mean=float(np.mean(last)))
+        if draw_seed is not None:
+            out[-1]["draw_seed"] = draw_seed
     return out
 
 

@@ -37,6 +37,8 @@ from macro_jax.models import OnsagerNet
         ("data.block_trajectories", -1, "data.block_trajectories=-1 is invalid"),
         ("data.pool_keep_above", float("nan"), "data.pool_keep_above"),
         ("train.draw_configs", "last", "train.draw_configs='last' is invalid: must be 'first' or 'random'"),
+        ("train.draw_seed", -1, "train.draw_seed=-1 is invalid: must be None \\(the experiment seed\\) or an integer >= 0"),
+        ("train.draw_seed", 3, "train.draw_seed=3 is invalid: only the 'random' draw has a seed"),
         ("eval.relative_floor", 1.0, "eval.relative_floor=1.0 is invalid"),
         ("train.monitor_every", -1, "train.monitor_every=-1 is invalid: must be >= 0"),
         ("diagnostics.holdout", 0, "diagnostics.holdout=0 is invalid"),
@@ -177,6 +179,7 @@ def test_run_names_are_flat_directory_names():
     assert run_name("xp:1/4", 60_000) == run_name("xp:0.25", 60_000) == "xp_p0.25_budget60000"
     assert run_name("z", 600) == "z_budget600"
     assert run_name("xp:1/16", 10**6, "mlp") == "mlp_xp_p0.0625_budget1000000"
+    assert run_name("xp:1/16", 10**6, draw_seed=3) == "xp_p0.0625_budget1000000_draw3"
 
 
 def test_lj800_start_and_specs_of_older_data():

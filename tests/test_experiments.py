@@ -143,6 +143,43 @@ def test_sweep_smoke_resumes(tmp_path):
         sweep.run_sweep(config, str(tmp_path))
 
 
+def test_draw_seed_repeats_a_sweep_over_data_draws_on_the_same_data(tmp_path):
+    """train.draw_seed: None draws with the experiment seed (same rows as setting
+    it to that seed); another seed draws other rows, nested, without repeats;
+    its runs sit beside the default draw's in one workdir (runs/<name>_draw<seed>)
+    and its rows carry the seed."""
+    from macro_jax import scaling
+    from macro_jax.config import run_settings
+
+    config = predator_prey.get_config("smoke")
+    config.train.epochs = 2
+    config.sweep.runs, config.sweep.budgets = ("z",), (2_000,)
+    config.train.draw_configs = "random"
+    pick = lambda n: experiment.config_indices(config, run_settings(config, "z"), 500, n)
+    default = pick(40)
+    config.train.draw_seed = config.seed
+    np.testing.assert_array_equal(pick(40), default)
+    config.train.draw_seed = 7
+    other = pick(40)
+    assert len(set(other)) == 40 and other.min() >= 0 and other.max() < 500 and set(other) != set(default)
+    np.testing.assert_array_equal(pick(20), other[:20])  # nested: a smaller run takes a prefix
+
+    workdir = str(tmp_path)
+    drawn = sweep.run_sweep(config, workdir)
+    config.train.draw_seed = None
+    plain = sweep.run_sweep(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "runs"))) == ["z_budget2000", "z_budget2000_draw7"]
+    assert drawn[0]["test_errors"] != plain[0]["test_errors"]  # other configurations, other numbers
+    rows = sweep.rows(drawn)
+    assert {r["draw_seed"] for r in rows} == {7} and "draw_seed" not in sweep.rows(plain)[0]
+    (again,) = sweep.results_from_rows(rows)
+    assert again["draw_seed"] == 7 and again["test_errors"] == drawn[0]["test_errors"]
+    config.train.draw_seed = 7
+    assert sweep.run_sweep(config, workdir) == drawn  # read back from runs/z_budget2000_draw7
+    with pytest.raises(ValueError, match="mix data draws"):
+        scaling.collect([rows + sweep.rows(plain)])
+
+
 def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoencoder(tmp_path, monkeypatch):
     """The cross-session path: a sweep's exported run results, imported into a
     fresh workdir, are reused; the autoencoder the fresh workdir trains (same
