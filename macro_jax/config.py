@@ -190,12 +190,13 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
+        # per loss, as config_indices and the run's directory name read it
+        draw_seed = s.get("draw_seed", None)
+        _require(draw_seed is None or (isinstance(draw_seed, int) and not isinstance(draw_seed, bool) and draw_seed >= 0),
+                 name("draw_seed"), draw_seed, "must be None (the experiment seed) or an integer >= 0")
+        _require(draw_seed is None or s.draw_configs == "random", name("draw_seed"), draw_seed,
+                 "only the 'random' draw has a seed: set train.draw_configs='random' or leave draw_seed None")
     _require(t.draw_configs in ("first", "random"), "train.draw_configs", t.draw_configs, "must be 'first' or 'random'")
-    draw_seed = t.get("draw_seed", None)
-    _require(draw_seed is None or (isinstance(draw_seed, int) and not isinstance(draw_seed, bool) and draw_seed >= 0),
-             "train.draw_seed", draw_seed, "must be None (the experiment seed) or an integer >= 0")
-    _require(draw_seed is None or t.draw_configs == "random", "train.draw_seed", draw_seed,
-             "only the 'random' draw has a seed: set train.draw_configs='random' or leave draw_seed None")
     _require(0.0 <= config.eval.relative_floor < 1.0, "eval.relative_floor", config.eval.relative_floor, "must be in [0, 1)")
     _require(config.eval.substeps >= 1, "eval.substeps", config.eval.substeps, "must be an integer >= 1")
     g = config.get("diagnostics", None)

@@ -136,14 +136,15 @@ def rows(results: list[dict]) -> list[dict]:
     (with ``draw_seed`` where the run set ``train.draw_seed``)."""
     out = []
     for r in results:
+        draw_seed = experiment.draw_seed_of(r)
         for i, (seed, err) in enumerate(zip(r["seeds"], r["test_errors"])):
             out.append({"loss": r["loss"], "run": r["run"], "p": r["p"], "budget": r["budget"], "seed": seed,
                         "test_error": err, "n_configs": r["n_configs"], "sites_per_config": r["sites_per_config"],
                         "n_force_computations": r["n_force_computations"], "force_seconds": r["force_seconds"]})
             if "last_member_errors" in r:  # the paper's Fig. 4 metric, for comparison only
                 out[-1]["last_member_error"] = r["last_member_errors"][i]
-            if experiment.draw_seed_of(r) is not None:  # a repeat over data draws (train.draw_seed)
-                out[-1]["draw_seed"] = experiment.draw_seed_of(r)
+            if draw_seed is not None:  # a repeat over data draws (train.draw_seed)
+                out[-1]["draw_seed"] = draw_seed
     return out
 
 
