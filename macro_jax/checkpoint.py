@@ -105,7 +105,7 @@ def load_npy(path: str, expect: dict[str, Any] | None = None, mmap: bool = False
 
 def save_model(path: str, model, metadata: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # unique: processes may write the same file
     eqx.tree_serialise_leaves(tmp, model)
     os.replace(tmp, path)
     _write_sidecar(path, metadata)

@@ -302,13 +302,26 @@ def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     skeleton = _make_autoencoder(config, system, init_key)
     path = os.path.join(workdir, "autoencoder", "model.eqx")
     spec = autoencoder_spec(config)
-    if os.path.exists(path):
-        logging.info("loaded autoencoder from %s", path)
-        return checkpoint.load_model(path, skeleton, expect={"spec": spec})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:  # processes sharing the workdir: one trains, the others wait and load
+        if os.path.exists(path) and not os.path.exists(path + ".lock"):
+            logging.info("loaded autoencoder from %s", path)
+            return checkpoint.load_model(path, skeleton, expect={"spec": spec})
+        if pool_lib.claim(path):
+            try:
+                if os.path.exists(path):  # finished between the check and the claim
+                    continue
+                return _train_autoencoder(config, skeleton, pool, workdir, path, spec, shuffle_key)
+            finally:
+                pool_lib.release(path)
+        logging.log_first_n(logging.INFO, "waiting for the autoencoder %s (another process trains it)", 1, path)
+        time.sleep(POLL_SECONDS)
+
+
+def _train_autoencoder(config, skeleton, pool, workdir, path, spec, shuffle_key) -> Autoencoder:
     n = config.autoencoder.n_configs or pool_lib.n_configs(pool)
     xs = pool if isinstance(pool, pool_lib.BlockPool) else pool[:n]  # a BlockPool streams its batches
     resume_path = os.path.join(workdir, "autoencoder", "resume.eqx")
-    os.makedirs(os.path.dirname(resume_path), exist_ok=True)
     ae, history = train.train_autoencoder(skeleton, xs, config.autoencoder, shuffle_key, n=n,
                                           resume_path=resume_path, resume_expect={"spec": spec})
     seconds = float(np.sum(history["epoch_seconds"]))  # all epochs, also those of an interrupted call

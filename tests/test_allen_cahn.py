@@ -304,6 +304,51 @@ def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatc
     np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
 
 
+def test_an_autoencoder_another_process_trains_is_waited_for_and_loaded(smoke, tmp_path, monkeypatch):
+    """Two sweep processes started together on one workdir: the second waits
+    for the first's autoencoder (claimed like a data block) instead of
+    training a second copy into the same files."""
+    import os
+    import shutil
+    import threading
+
+    import equinox as eqx
+    import jax
+
+    from macro_jax import experiment, train
+    from macro_jax import pool as pool_lib
+
+    workdir, config, _, prep = smoke
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    model = os.path.join(copy, "autoencoder", "model.eqx")
+    os.makedirs(os.path.dirname(model))
+    assert pool_lib.claim(model)  # "another process" (this one, alive) is training it
+    monkeypatch.setattr(experiment, "POLL_SECONDS", 0.05)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a second autoencoder")
+
+    monkeypatch.setattr(train, "train_autoencoder", no_training)
+    original = os.path.join(workdir, "autoencoder", "model.eqx")
+
+    def finish_it():  # the other process saves its autoencoder a little later
+        import time
+
+        time.sleep(0.5)
+        for suffix in ("", ".json"):
+            shutil.copy(original + suffix, model + suffix)
+        pool_lib.release(model)
+
+    threading.Thread(target=finish_it).start()
+    loaded = experiment.prepare(config, copy).ae
+    leaves = [jax.tree_util.tree_leaves(eqx.filter(ae, eqx.is_array)) for ae in (loaded, prep.ae)]
+    assert len(leaves[0]) == len(leaves[1]) > 0
+    for a, b in zip(*leaves):
+        np.testing.assert_array_equal(a, b)
+    assert not os.path.exists(model + ".lock")
+
+
 def test_importance_sampled_run_beside_the_uniform_one(smoke):
     """"xp:1/16:importance" trains at the same force count in its own run directory;
     the variant config keeps the protocol's runs (reused, not retrained)."""
