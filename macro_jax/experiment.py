@@ -532,6 +532,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         # the encoder it was trained on: a result copied into another workdir is reused only there
         # if that workdir's autoencoder is the same file (check_autoencoder)
         "autoencoder_sha256": autoencoder_sha256(workdir),
+        # the data files it was trained and scored on (where a rebuilt encoder differs: data or training?)
+        "data_sha256": data_sha256(workdir),
     }
     checkpoint.save_model(os.path.join(run_dir, "members.eqx"), nets,
                           {"config": config.to_dict(), "run": spec, "budget": budget, "versions": checkpoint.versions()})
@@ -690,6 +692,18 @@ def autoencoder_sha256(workdir: str) -> str | None:
     """SHA-256 of ``workdir``'s trained autoencoder file (from its checked sidecar), None before it exists."""
     path = os.path.join(workdir, "autoencoder", "model.eqx")
     return checkpoint.load_sidecar(path)["sha256"] if os.path.exists(path) else None
+
+
+def data_sha256(workdir: str) -> dict[str, str]:
+    """SHA-256 of ``workdir``'s pool (its file, or a block pool's manifest) and test set, from their sidecars."""
+    out = {}
+    for split, names in (("pool", ("pool.npz", os.path.join("pool", "manifest.npz"))), ("test", ("test.npz",))):
+        for name in names:
+            path = os.path.join(workdir, "data", name)
+            if os.path.exists(path):
+                out[split] = checkpoint.load_sidecar(path)["sha256"]
+                break
+    return out
 
 
 def check_autoencoder(result: dict, workdir: str, where: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from configs import predator_prey
 from macro_jax import eval as evaluation
-from macro_jax import experiment, sweep
+from macro_jax import checkpoint, experiment, sweep
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RESULT_KEYS = {"loss", "n_configs", "n_force_computations", "force_seconds", "test_error_mean", "test_error_std"}
@@ -194,6 +194,9 @@ def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoe
     results = sweep.run_sweep(config, first)
     sha = experiment.autoencoder_sha256(first)
     assert sha and all(r["autoencoder_sha256"] == sha for r in results)
+    data_sha = {split: checkpoint.load_sidecar(os.path.join(first, "data", f"{split}.npz"))["sha256"]
+                for split in ("pool", "test")}
+    assert all(r["data_sha256"] == data_sha for r in results)
     exported, fresh = str(tmp_path / "exported"), str(tmp_path / "fresh")
     sweep.export_runs(results, exported)
     assert sorted(sweep.import_runs(exported, fresh)) == sorted(os.listdir(os.path.join(first, "runs")))
