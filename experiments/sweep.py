@@ -6,7 +6,8 @@ Resumable: finished runs in --workdir are reused, so the grid can be split
 over processes (--config.sweep.runs=...) and collected by a last full call.
 --out also exports every run's result to <stem>_runs/; in a fresh workdir (a
 new machine or session) --resume_from <stem>_runs reuses them, if the same
-config and seed rebuild the same autoencoder (checked by its SHA-256).
+config and seed rebuild the same autoencoder (checked by its SHA-256; on one
+machine they do, across machines they need not).
 Repeats over data draws on the same data and autoencoder, in the same workdir:
 --config.train.draw_configs=random --config.train.draw_seed=S (one --out per S).
 """
