@@ -275,7 +275,6 @@ def test_block_claims_split_work_and_stale_locks_are_taken_over(tmp_path):
 def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatch):
     import os
     import shutil
-    import threading
 
     from macro_jax import experiment
     from macro_jax import pool as pool_lib
@@ -291,17 +290,27 @@ def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatc
     monkeypatch.setattr(experiment, "POLL_SECONDS", 0.05)
     original = os.path.join(workdir, "data", "pool", "block_00002.npy")
 
-    def finish_it():  # the other process writes its block a little later
-        import time
-
-        time.sleep(0.5)
-        for suffix in ("", ".json"):
-            shutil.copy(original + suffix, block + suffix)
-        pool_lib.release(block)
-
-    threading.Thread(target=finish_it).start()
+    _finish_later(original, block)  # the other process writes its block a little later
     pool, _ = experiment.generate_data(config, copy)
     np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
+
+
+def _finish_later(original, claimed):
+    """Play "another process": after a moment, write `claimed` (and its
+    sidecar) as a copy of `original` and release its claim."""
+    import shutil
+    import threading
+    import time
+
+    from macro_jax import pool as pool_lib
+
+    def finish():
+        time.sleep(0.5)
+        for suffix in ("", ".json"):
+            shutil.copy(original + suffix, claimed + suffix)
+        pool_lib.release(claimed)
+
+    threading.Thread(target=finish).start()
 
 
 def test_an_autoencoder_another_process_trains_is_waited_for_and_loaded(smoke, tmp_path, monkeypatch):
@@ -310,7 +319,6 @@ def test_an_autoencoder_another_process_trains_is_waited_for_and_loaded(smoke, t
     training a second copy into the same files."""
     import os
     import shutil
-    import threading
 
     import equinox as eqx
     import jax
@@ -332,15 +340,7 @@ def test_an_autoencoder_another_process_trains_is_waited_for_and_loaded(smoke, t
     monkeypatch.setattr(train, "train_autoencoder", no_training)
     original = os.path.join(workdir, "autoencoder", "model.eqx")
 
-    def finish_it():  # the other process saves its autoencoder a little later
-        import time
-
-        time.sleep(0.5)
-        for suffix in ("", ".json"):
-            shutil.copy(original + suffix, model + suffix)
-        pool_lib.release(model)
-
-    threading.Thread(target=finish_it).start()
+    _finish_later(original, model)  # the other process saves its autoencoder a little later
     loaded = experiment.prepare(config, copy).ae
     leaves = [jax.tree_util.tree_leaves(eqx.filter(ae, eqx.is_array)) for ae in (loaded, prep.ae)]
     assert len(leaves[0]) == len(leaves[1]) > 0
