@@ -12,6 +12,12 @@
   python experiments/diagnostics.py --mode=lambda_sweep --config configs/predator_prey.py:quick \
       --workdir workdirs/diag_lambda --out docs/results/lambda_cond.json
   # (+ lambda_cond.png, .md, and lambda_cond_histograms.png: cond(J J^T) of every autoencoder)
+
+  # noise of the partial labels: variance of the k-site estimate of J f vs the
+  # variance of J f over configurations (full forces on --n_configs pool rows)
+  python experiments/diagnostics.py --mode=subset_noise --config configs/lj_scaling.py:800 \
+      --workdir workdirs/lj800_scaling --n_configs=50
+  # -> <workdir>/diagnostics/subset_noise.json
 """
 
 import json
@@ -24,7 +30,8 @@ from macro_jax import diagnostics, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir (run) or the sweep's (lambda_sweep).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "lambda_sweep"], "What to diagnose.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "lambda_sweep", "subset_noise"], "What to diagnose.")
+_N_CONFIGS = flags.DEFINE_integer("n_configs", 50, "subset_noise: pool rows (spread evenly) to label with all forces.")
 _OUT = flags.DEFINE_string("out", None, "lambda_sweep: JSON file for the rows; a .png and .md are written beside it.")
 _TRAIN_MONITORED = flags.DEFINE_bool("train_monitored", False,
                                      "run: first train each run again with train.monitor_every (runs/monitored_*).")
@@ -42,6 +49,14 @@ def main(argv):
             path = os.path.splitext(_OUT.value)[0] + "_histograms.png"
             diagnostics.plot_lambda_histograms(config, _WORKDIR.value, path)
             print(f"wrote {path}")
+        return
+    if _MODE.value == "subset_noise":
+        report = diagnostics.subset_noise_report(config, _WORKDIR.value, _N_CONFIGS.value)
+        for spec, r in report["runs"].items():
+            print(f"{spec}: k={r['k']}, noise/signal variance of the rate estimate: median over rows "
+                  f"{r['ratio_median']:.3g}, max {r['ratio_max']:.3g}; per site coordinate (median) "
+                  + ", ".join(f"{v:.3g}" for v in r["component_ratio_median"]))
+        print(f"wrote {_WORKDIR.value}/diagnostics/subset_noise.json")
         return
     summary = diagnostics.run_diagnostics(config, _WORKDIR.value, train_monitored=_TRAIN_MONITORED.value)
     print(json.dumps(summary["cond"], indent=1))

@@ -7,6 +7,9 @@ on held-out data, and the ``lambda_cond`` sweep.
   penalty ``lambda_cond L_cond`` of stage 1 buys.
 * ``make_monitor``: what ``train.monitor_every`` evaluates outside the jitted
   epoch (held-out ``L_z`` and ``L_x`` in the training's units, test error).
+* ``subset_noise``: the variance of the partial (k-site) estimate of the
+  latent rate ``J f`` next to the rate's variance over configurations, per
+  row of J and per site coordinate (from full forces; a diagnostic).
 * ``lambda_sweep``: test error and ``cond(G)`` for each ``lambda_cond`` of
   ``config.diagnostics.lambda_values`` (resumable).
 * ``run_diagnostics``: the condition-number distribution of a workdir's
@@ -104,6 +107,77 @@ def cached_condition_numbers(config, workdir: str, get_prep) -> tuple[np.ndarray
     checkpoint.save_arrays(path, {"cond": cond, "singular_values": sv, "indices": idx},
                            {"spec": spec, "versions": checkpoint.versions()})
     return cond, sv
+
+
+# ---------------------------------------------------------------- noise of the partial labels
+
+
+def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
+    """How noisy the ``L_x,p`` estimate of the latent rate is, from FULL forces
+    (a diagnostic: never used in training, never counted in a budget).
+
+    For each configuration ``x = pool[i]`` the latent rate is ``J f = sum_s c_s``
+    over sites, ``c_s = J[:, dofs(s)] f[dofs(s)]``. The partial estimate
+    ``(n / k) sum_{s in I} c_s`` with ``I`` k sites drawn uniformly without
+    replacement (``partial_sample``) has the variance ``n^2 (1 - k / n) S^2 / k``,
+    ``S^2`` the sample variance (ddof 1) of the ``c_s`` over the n sites.
+    Returns, per row of J (d,): ``signal_var``, the variance of ``J f`` over the
+    configurations; ``noise_var``, that estimator variance averaged over them;
+    ``noise_var_by_component`` (dofs_per_site, d), the same when only the j-th
+    coordinate of each site is sampled and the others are summed exactly
+    (particles: j = 0-2 positions, whose f is the velocity, j = 3-5 velocities,
+    whose f is the force); and ``ratio = noise_var / signal_var``.
+    J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
+    """
+    n, dps = system.n_sites, system.dofs_per_site
+    if not 1 <= k < n:
+        raise ConfigError(f"subset size k={k} is invalid: need 1 <= k < n_sites = {n}")
+    site_dofs = jax.vmap(lambda s: system.site_dofs(s[None]))(jnp.arange(n))  # (n, dps)
+
+    @jax.jit
+    def contributions(x):
+        f = system.force_fn(x).astype(jnp.float64)
+        jac = jax.jacrev(ae.encode)(x).astype(jnp.float64)  # (d, N)
+        return jac[:, site_dofs] * f[site_dofs]  # (d, n, dps)
+
+    fac = n**2 * (1.0 - k / n) / k
+    rates, noise, by_component = [], [], []
+    for i in np.asarray(indices):
+        c = contributions(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]))
+        rates.append(np.asarray(c.sum((1, 2))))
+        noise.append(fac * np.asarray(jnp.var(c.sum(-1), 1, ddof=1)))
+        by_component.append(fac * np.asarray(jnp.var(c, 1, ddof=1)).T)  # (dps, d)
+    rates = np.stack(rates)
+    signal = rates.var(0, ddof=1) if len(rates) > 1 else np.full(rates.shape[1], np.nan)
+    noise_var = np.mean(noise, 0)
+    return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": np.mean(by_component, 0),
+            "ratio": noise_var / signal}
+
+
+def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
+    """``subset_noise`` of ``workdir``'s autoencoder on ``n_configs`` pool rows
+    spread evenly over the pool, for the k of every ``xp`` run of
+    ``config.train.runs``; written to ``workdir/diagnostics/subset_noise.json``."""
+    from macro_jax import experiment
+    from macro_jax.config import subset_size
+
+    prep = experiment.prepare(config, workdir)
+    idx = cond_indices(pool_lib.n_configs(prep.pool), n_configs)
+    report = {"workdir": workdir, "n_configs": int(len(idx)), "autoencoder_sha256": experiment.autoencoder_sha256(workdir),
+              "runs": {}}
+    for spec in config.train.runs:
+        loss, p = parse_run(spec)
+        if loss != "xp":
+            continue
+        k = subset_size(p, prep.system.n_sites, spec)
+        r = subset_noise(prep.system, prep.ae, prep.pool, k, idx)
+        report["runs"][spec] = {
+            "k": k, "ratio_median": float(np.median(r["ratio"])), "ratio_max": float(np.max(r["ratio"])),
+            "component_ratio_median": [float(np.median(v / r["signal_var"])) for v in r["noise_var_by_component"]],
+            **{key: np.asarray(v).tolist() for key, v in r.items()}}
+    os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)
+    experiment.write_json(os.path.join(workdir, "diagnostics", "subset_noise.json"), report)
+    return report
 
 
 # ---------------------------------------------------------------- monitored curves

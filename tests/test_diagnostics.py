@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import predator_prey
-from macro_jax import checkpoint, diagnostics, experiment, train
+from macro_jax import checkpoint, diagnostics, experiment, jacobian, train
 from macro_jax.config import ConfigError
 from macro_jax.models import Autoencoder, NormalisedField, make_latent_model
 from macro_jax.systems import make_predator_prey
@@ -149,3 +149,33 @@ def test_lambda_sweep_writes_rows_and_resumes(tmp_path, monkeypatch):
     experiment.report(rows, out, diagnostics.lambda_table, lambda rs: rs, diagnostics.plot_lambda_sweep)
     assert json.load(open(out)) == rows
     assert os.path.getsize(out[:-5] + ".png") > 0 and "| 0.0001 | L_x,p p=0.2 |" in open(out[:-5] + ".md").read()
+
+
+def test_subset_noise_equals_variance_of_the_training_estimate():
+    """subset_noise's closed-form variance of the k-site rate estimate equals the
+    empirical variance of partial_sample's ``rate`` (what L_x,p normalises with)
+    over 4,000 uniform draws, per row of J; its signal is the variance of J f."""
+    from macro_jax import data
+    from macro_jax.systems import sample_sites
+
+    system = make_predator_prey()
+    ae = _f64(Autoencoder(system.n_dof, 2, 2, (8,), "softplus", system.observable_fn, decoder_uses_observables=True,
+                          bias_init="torch", key=jr.PRNGKey(0)))
+    xs = jr.uniform(jr.PRNGKey(1), (3, system.n_dof), jnp.float64, 0.5, 2.0)
+    k = 30  # the finite-population factor 1 - k/n = 0.7 is well outside the tolerance
+    r = diagnostics.subset_noise(system, ae, xs, k, np.arange(3))
+    geometry = jacobian.make_geometry_fn(ae, "generic")
+    keys = jr.split(jr.PRNGKey(2), 4000)
+    noise = []
+    for x in xs:
+        def rate(key, x=x):
+            sites = sample_sites(key, system.n_sites, k)
+            return data.partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites)["rate"]
+        noise.append(np.var(np.asarray(jax.jit(jax.vmap(rate))(keys)), 0, ddof=1))
+    np.testing.assert_allclose(r["noise_var"], np.mean(noise, 0), rtol=0.1)  # 4,000 draws: ~2 % sampling error
+    jf = np.stack([np.asarray(jax.jacrev(ae.encode)(x) @ system.force_fn(x)) for x in xs])
+    np.testing.assert_allclose(r["signal_var"], jf.var(0, ddof=1), rtol=1e-8)
+    np.testing.assert_allclose(r["ratio"], r["noise_var"] / r["signal_var"])
+    assert r["noise_var_by_component"].shape == (system.dofs_per_site, 4)
+    with pytest.raises(ConfigError, match="k=100"):
+        diagnostics.subset_noise(system, ae, xs, system.n_sites, np.arange(3))
