@@ -126,24 +126,32 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
     ``noise_var_by_component`` (dofs_per_site, d), the same when only the j-th
     coordinate of each site is sampled and the others are summed exactly
     (particles: j = 0-2 positions, whose f is the velocity, j = 3-5 velocities,
-    whose f is the force); and ``ratio = noise_var / signal_var``.
+    whose f is the force); ``ratio = noise_var / signal_var``; and
+    ``gram_noise``, the relative variance ``E |G_I - G|_F^2 / |G|_F^2`` of the
+    k-site estimate ``G_I = (n / k) J_I J_I^T`` of the Gram ``G = J J^T`` (the
+    metric L_x,p solves with), averaged over the configurations.
     J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
     """
     n, dps = system.n_sites, system.dofs_per_site
     if not 1 <= k < n:
         raise ConfigError(f"subset size k={k} is invalid: need 1 <= k < n_sites = {n}")
     site_dofs = jax.vmap(lambda s: system.site_dofs(s[None]))(jnp.arange(n))  # (n, dps)
+    fac = n**2 * (1.0 - k / n) / k
 
     @jax.jit
     def contributions(x):
         f = system.force_fn(x).astype(jnp.float64)
         jac = jax.jacrev(ae.encode)(x).astype(jnp.float64)  # (d, N)
-        return jac[:, site_dofs] * f[site_dofs]  # (d, n, dps)
+        cols = jac[:, site_dofs]  # (d, n, dps)
+        per_site_gram = jnp.einsum("ask,bsk->sab", cols, cols)  # (n, d, d)
+        gram = per_site_gram.sum(0)
+        gram_noise = fac * jnp.sum(jnp.var(per_site_gram, 0, ddof=1)) / jnp.sum(gram**2)
+        return cols * f[site_dofs], gram_noise
 
-    fac = n**2 * (1.0 - k / n) / k
-    rates, noise, by_component = [], [], []
+    rates, noise, by_component, gram_noise = [], [], [], []
     for i in np.asarray(indices):
-        c = contributions(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]))
+        c, g = contributions(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]))
+        gram_noise.append(float(g))
         rates.append(np.asarray(c.sum((1, 2))))
         noise.append(fac * np.asarray(jnp.var(c.sum(-1), 1, ddof=1)))
         by_component.append(fac * np.asarray(jnp.var(c, 1, ddof=1)).T)  # (dps, d)
@@ -151,7 +159,7 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
     signal = rates.var(0, ddof=1) if len(rates) > 1 else np.full(rates.shape[1], np.nan)
     noise_var = np.mean(noise, 0)
     return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": np.mean(by_component, 0),
-            "ratio": noise_var / signal}
+            "ratio": noise_var / signal, "gram_noise": float(np.mean(gram_noise))}
 
 
 def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
@@ -173,6 +181,7 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
         r = subset_noise(prep.system, prep.ae, prep.pool, k, idx)
         report["runs"][spec] = {
             "k": k, "ratio_median": float(np.median(r["ratio"])), "ratio_max": float(np.max(r["ratio"])),
+            "gram_noise": r["gram_noise"],
             "component_ratio_median": [float(np.median(v / r["signal_var"])) for v in r["noise_var_by_component"]],
             **{key: np.asarray(v).tolist() for key, v in r.items()}}
     os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)

@@ -154,7 +154,8 @@ def test_lambda_sweep_writes_rows_and_resumes(tmp_path, monkeypatch):
 def test_subset_noise_equals_variance_of_the_training_estimate():
     """subset_noise's closed-form variance of the k-site rate estimate equals the
     empirical variance of partial_sample's ``rate`` (what L_x,p normalises with)
-    over 4,000 uniform draws, per row of J; its signal is the variance of J f."""
+    over 4,000 uniform draws, per row of J, and likewise for the k-site Gram
+    (n / k) J_I J_I^T against J J^T; its signal is the variance of J f."""
     from macro_jax import data
     from macro_jax.systems import sample_sites
 
@@ -166,13 +167,18 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     r = diagnostics.subset_noise(system, ae, xs, k, np.arange(3))
     geometry = jacobian.make_geometry_fn(ae, "generic")
     keys = jr.split(jr.PRNGKey(2), 4000)
-    noise = []
+    noise, gram_noise = [], []
     for x in xs:
         def rate(key, x=x):
             sites = sample_sites(key, system.n_sites, k)
-            return data.partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites)["rate"]
-        noise.append(np.var(np.asarray(jax.jit(jax.vmap(rate))(keys)), 0, ddof=1))
+            s = data.partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites)
+            return s["rate"], (system.n_sites / k) * s["gram_i"]
+        rates, grams = jax.jit(jax.vmap(rate))(keys)
+        noise.append(np.var(np.asarray(rates), 0, ddof=1))
+        gram = np.asarray(jax.jacrev(ae.encode)(x) @ jax.jacrev(ae.encode)(x).T)
+        gram_noise.append(np.mean(np.sum((np.asarray(grams) - gram) ** 2, (1, 2))) / np.sum(gram**2))
     np.testing.assert_allclose(r["noise_var"], np.mean(noise, 0), rtol=0.1)  # 4,000 draws: ~2 % sampling error
+    np.testing.assert_allclose(r["gram_noise"], np.mean(gram_noise), rtol=0.1)
     jf = np.stack([np.asarray(jax.jacrev(ae.encode)(x) @ system.force_fn(x)) for x in xs])
     np.testing.assert_allclose(r["signal_var"], jf.var(0, ddof=1), rtol=1e-8)
     np.testing.assert_allclose(r["ratio"], r["noise_var"] / r["signal_var"])
