@@ -135,6 +135,8 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
     n, dps = system.n_sites, system.dofs_per_site
     if not 1 <= k < n:
         raise ConfigError(f"subset size k={k} is invalid: need 1 <= k < n_sites = {n}")
+    if len(indices) < 2:
+        raise ConfigError(f"n_configs={len(indices)} is invalid: the variance of J f over configurations needs >= 2")
     site_dofs = jax.vmap(lambda s: system.site_dofs(s[None]))(jnp.arange(n))  # (n, dps)
     fac = n**2 * (1.0 - k / n) / k
 
@@ -155,8 +157,7 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
         rates.append(np.asarray(c.sum((1, 2))))
         noise.append(fac * np.asarray(jnp.var(c.sum(-1), 1, ddof=1)))
         by_component.append(fac * np.asarray(jnp.var(c, 1, ddof=1)).T)  # (dps, d)
-    rates = np.stack(rates)
-    signal = rates.var(0, ddof=1) if len(rates) > 1 else np.full(rates.shape[1], np.nan)
+    signal = np.stack(rates).var(0, ddof=1)
     noise_var = np.mean(noise, 0)
     return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": np.mean(by_component, 0),
             "ratio": noise_var / signal, "gram_noise": float(np.mean(gram_noise))}

@@ -185,3 +185,5 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     assert r["noise_var_by_component"].shape == (system.dofs_per_site, 4)
     with pytest.raises(ConfigError, match="k=100"):
         diagnostics.subset_noise(system, ae, xs, system.n_sites, np.arange(3))
+    with pytest.raises(ConfigError, match="n_configs=1"):
+        diagnostics.subset_noise(system, ae, xs, k, np.arange(1))
