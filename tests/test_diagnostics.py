@@ -175,7 +175,8 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
             return s["rate"], (system.n_sites / k) * s["gram_i"]
         rates, grams = jax.jit(jax.vmap(rate))(keys)
         noise.append(np.var(np.asarray(rates), 0, ddof=1))
-        gram = np.asarray(jax.jacrev(ae.encode)(x) @ jax.jacrev(ae.encode)(x).T)
+        jac = np.asarray(jax.jacrev(ae.encode)(x))
+        gram = jac @ jac.T
         gram_noise.append(np.mean(np.sum((np.asarray(grams) - gram) ** 2, (1, 2))) / np.sum(gram**2))
     np.testing.assert_allclose(r["noise_var"], np.mean(noise, 0), rtol=0.1)  # 4,000 draws: ~2 % sampling error
     np.testing.assert_allclose(r["gram_noise"], np.mean(gram_noise), rtol=0.1)
