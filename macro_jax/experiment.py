@@ -152,12 +152,14 @@ def _blocks(system, key, spec, block: int, skip=lambda b: False):
             yield b, traj, seconds
 
 
-def _claimed_blocks(system, key, spec, block: int, directory: str, ext: str, write, check) -> list[str]:
+def _claimed_blocks(system, key, spec, block: int, directory: str, ext: str, write, check,
+                    wait: bool = True) -> list[str] | None:
     """Simulates every missing block of ``spec``'s trajectories, ``block`` at a
     time, into ``directory/block_<b>.<ext>`` via ``write(path, b, traj, seconds)``.
     Each block is claimed first (``pool.claim``), so processes sharing the
-    directory split the work; blocks others hold are waited for; existing
-    blocks are verified by ``check(path, b)``. Returns the block paths."""
+    directory split the work; blocks others hold are waited for (or, with
+    ``wait=False``, None is returned); existing blocks are verified by
+    ``check(path, b)``. Returns the block paths."""
     n_blocks = -(-spec["n_trajectories"] // block)
     paths = [pool_lib.block_path(directory, b, ext) for b in range(n_blocks)]
     os.makedirs(directory, exist_ok=True)
@@ -177,6 +179,8 @@ def _claimed_blocks(system, key, spec, block: int, directory: str, ext: str, wri
         waiting = [b for b in range(n_blocks) if not os.path.exists(paths[b])]
         if not waiting:
             return paths
+        if not wait:
+            return None
         logging.info("waiting for blocks %s of %s (other processes)", waiting, directory)
         time.sleep(POLL_SECONDS)
 
@@ -210,8 +214,9 @@ def _sidecar(path: str) -> dict:
         return json.load(f)
 
 
-def _block_test(config, system, key, spec, directory) -> tuple[TestSet, float]:
-    """The test set simulated in claimed blocks (each its first frames and observables)."""
+def _block_test(config, system, key, spec, directory, wait: bool = True) -> tuple[TestSet, float] | None:
+    """The test set simulated in claimed blocks (each its first frames and
+    observables); None if ``wait=False`` and other processes hold blocks."""
 
     def write(path, b, traj, seconds):
         logging.info("test block %d: %d trajectories, %.1fs", b, traj.xs.shape[0], seconds)
@@ -219,7 +224,10 @@ def _block_test(config, system, key, spec, directory) -> tuple[TestSet, float]:
                                {"spec": spec, "block": b, "seconds": seconds})
 
     check = lambda path, b: checkpoint.load_arrays(path, expect={"spec": spec, "block": b})
-    paths = _claimed_blocks(system, key, spec, int(config.data.block_trajectories), directory, "npz", write, check)
+    paths = _claimed_blocks(system, key, spec, int(config.data.block_trajectories), directory, "npz", write, check,
+                            wait)
+    if paths is None:
+        return None
     parts = [checkpoint.load_arrays(path, expect={"spec": spec}) for path in paths]
     test = TestSet(jnp.asarray(parts[0][0]["times"]), *(jnp.asarray(np.concatenate([a[k] for a, _ in parts]))
                                                         for k in ("x0", "obs")))
@@ -242,11 +250,17 @@ def _trajectories(config, system, workdir):
     block = int(config.data.block_trajectories)
     test = _load_test(paths["test"], specs["test"], system) if os.path.exists(paths["test"]) else None
     if block:
+        test_dir = os.path.join(workdir, "data", "test")
+        # The test blocks no other process holds first, then the pool, then the test blocks waited for: no process
+        # idles while work is left.
+        made = None if test is not None else _block_test(config, system, keys["test"], specs["test"], test_dir, wait=False)
         pool = _block_pool(config, system, keys["pool"], specs["pool"], os.path.join(workdir, "data", "pool"))
         if test is None:
-            test, seconds = _block_test(config, system, keys["test"], specs["test"], os.path.join(workdir, "data", "test"))
-            checkpoint.save_arrays(paths["test"], test._asdict(),
-                                   {"spec": specs["test"], "seconds": seconds, "versions": checkpoint.versions()})
+            made = made or _block_test(config, system, keys["test"], specs["test"], test_dir)
+            test, seconds = made
+            if not os.path.exists(paths["test"]):
+                checkpoint.save_arrays(paths["test"], test._asdict(),
+                                       {"spec": specs["test"], "seconds": seconds, "versions": checkpoint.versions()})
         return pool, test
     pool = None
     if os.path.exists(paths["pool"]):

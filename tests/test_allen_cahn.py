@@ -295,6 +295,47 @@ def test_a_claimed_block_is_waited_for_not_simulated(smoke, tmp_path, monkeypatc
     np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
 
 
+def test_a_process_waiting_for_pool_blocks_simulates_the_test_set_meanwhile(smoke, tmp_path, monkeypatch):
+    """Two data processes: while the other holds the last pool block, this one
+    simulates the test set instead of idling, then loads the other's block."""
+    import os
+    import shutil
+    import threading
+    import time
+
+    from macro_jax import experiment
+    from macro_jax import pool as pool_lib
+
+    workdir, config, _, prep = smoke
+    copy = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    data = os.path.join(copy, "data")
+    for name in ("pool/block_00002.npy", "pool/block_00002.npy.json", "pool/manifest.npz", "pool/manifest.npz.json",
+                 "test.npz", "test.npz.json", "test/block_00000.npz", "test/block_00000.npz.json"):
+        os.remove(os.path.join(data, name))
+    block = pool_lib.block_path(os.path.join(data, "pool"), 2)
+    assert pool_lib.claim(block)  # "another process" (this one, alive) is simulating pool block 2
+    monkeypatch.setattr(experiment, "POLL_SECONDS", 0.05)
+    original = os.path.join(workdir, "data", "pool", "block_00002.npy")
+    seen = {}
+
+    def finish_after_the_test_set():  # the other process finishes only once this one has made the test block
+        test_block, deadline = os.path.join(data, "test", "block_00000.npz"), time.time() + 120
+        while not os.path.exists(test_block) and time.time() < deadline:
+            time.sleep(0.05)
+        seen["test_first"] = os.path.exists(test_block)
+        for suffix in ("", ".json"):
+            shutil.copy(original + suffix, block + suffix)
+        pool_lib.release(block)
+
+    threading.Thread(target=finish_after_the_test_set).start()
+    pool, test = experiment.generate_data(config, copy)
+    assert seen["test_first"]
+    np.testing.assert_array_equal(pool.take(np.arange(len(pool))), prep.pool.take(np.arange(len(prep.pool))))
+    np.testing.assert_array_equal(np.asarray(test.obs), np.asarray(prep.test.obs))
+    assert os.path.exists(os.path.join(data, "test.npz"))
+
+
 def _finish_later(original, claimed):
     """Play "another process": after a moment, write `claimed` (and its
     sidecar) as a copy of `original` and release its claim."""
