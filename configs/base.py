@@ -147,6 +147,14 @@ def get_config() -> ml_collections.ConfigDict:
     # and the test rollout error; the curves go to runs/<run>/history.npz as
     # monitor/<name>. 0 = off. Bookkeeping: it never changes a run's numbers.
     c.train.monitor_every = 0
+    # Model selection (an improvement of ours, not the paper's protocol; 0 = off):
+    # hold out the last select_fraction of a run's labelled configurations
+    # (labelled like the rest and counted in its budget, so it trains on fewer),
+    # score every member on them with the run's own loss every select_every
+    # epochs and after the last, and keep each member's parameters at its best
+    # score. A held-out L_x,p needs no extra forces and is unbiased for L_x there.
+    c.train.select_every = 0
+    c.train.select_fraction = 0.1
     # Per-loss overrides of the fields above, e.g. {"z": {"patience": 50}}.
     c.train.per_loss = ml_collections.ConfigDict()
     c.train.precompute_chunk = 1024  # configurations per labelling and precompute batch (bounds memory)

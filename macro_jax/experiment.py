@@ -39,6 +39,7 @@ from macro_jax import pool as pool_lib
 from macro_jax.config import (ConfigError, parse_run, run_option, run_settings, site_sampling, subset_size,
                               validate, z_weighting)
 from macro_jax.models import Autoencoder, make_latent_model
+from macro_jax.models.latent import NormalisedField
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
 
@@ -440,6 +441,32 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
 
 
+def _split_selection(samples, per_member: bool, n: int, fraction: float):
+    """(training samples, held-out samples, number held out): the last
+    ``round(fraction n)`` configurations (at least 1) of a run's labelled
+    samples are held out for model selection (``train.select_every``)."""
+    n_held = max(1, int(round(fraction * n)))
+    if n_held >= n:
+        raise ConfigError(f"train.select_fraction={fraction} holds out all {n} configurations of the run; "
+                          "lower it or raise train.budget")
+    axis = 1 if per_member else 0
+    cut = lambda lo, hi: jax.tree_util.tree_map(lambda a: jax.lax.slice_in_dim(a, lo, hi, axis=axis), samples)
+    return cut(0, n - n_held), cut(n - n_held, n), n_held
+
+
+def _make_select(sample_loss, nets, stats, held, per_member: bool):
+    """``select(params) -> (members,)``: each member's mean loss on ``held``."""
+    static = eqx.partition(nets, eqx.is_array)[1]
+    n_held = jax.tree_util.tree_leaves(held)[0].shape[1 if per_member else 0]
+
+    def one(params, member_stats, member_held):
+        field = NormalisedField(eqx.combine(params, static), *member_stats)
+        return losses.batch_loss(sample_loss, field, member_held, jnp.ones((n_held,), jnp.float32))
+
+    scores = jax.jit(jax.vmap(one, in_axes=(0, 0, 0 if per_member else None)))
+    return lambda params: scores(params, stats, held)
+
+
 def _proposal(system: MicroSystem, spec: str):
     """The site proposal an ``xp`` run draws from: None for uniform sampling."""
     return system.site_proposal_fn if site_sampling(spec) == "importance" else None
@@ -499,6 +526,10 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
             prep, config, cfg, loss, indices, n, k, label_keys, n_members, _proposal(system, spec))
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k, normalised=z_weighting(spec) == "normalised")
+    select, n_select = None, 0
+    if int(cfg.get("select_every", 0) or 0) > 0:
+        samples, held, n_select = _split_selection(samples, per_member, n, float(cfg.select_fraction))
+        select = _make_select(sample_loss, nets, stats, held, per_member)
     monitor, n_diagnostic_forces = None, 0
     if int(cfg.get("monitor_every", 0) or 0) > 0:
         monitor, n_diagnostic_forces = _make_monitor(prep, config, nets, stats, holdout_indices(config, n_pool, indices))
@@ -510,7 +541,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         nets, history = train.train_ensemble(nets, sample_loss, samples, stats, cfg=cfg, keys=shuffle_keys,
                                              per_member_data=per_member, batch_fn=batch_fn, log_prefix=f"{name}: ",
                                              resume_path=resume_path,
-                                             resume_expect={"settings": settings}, monitor=monitor)
+                                             resume_expect={"settings": settings}, monitor=monitor,
+                                             select=select)
     train_seconds = time.perf_counter() - start
     with stages.stage(f"{name}: evaluation"):
         errors, pred_obs = evaluation.evaluate_ensemble(nets, stats, ae, prep.test.x0, prep.test.obs,
@@ -532,6 +564,9 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "diagnostic_force_computations": int(n_diagnostic_forces),
         "label_mode": cfg.label_mode if loss == "xp" else "offline",
         "shared_subsets": bool(cfg.shared_subsets) if loss == "xp" else None,
+        # model selection (train.select_every): configurations held out of training, each member's chosen epoch
+        "n_select_configs": int(n_select),
+        "select_best_epoch": np.asarray(history["select/best_epoch"]).tolist() if select is not None else None,
         "seeds": list(seeds),
         "test_errors": member_errors.tolist(),
         "test_error_mean": float(np.mean(member_errors)),
@@ -656,7 +691,8 @@ def _autoencoder_settings(fields: dict) -> dict:
 # saved settings, so that older files stay valid.
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
 _LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
-                   "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False}}
+                   "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False,
+                             "select_every": 0, "select_fraction": 0.1}}
 
 
 def _without_later_defaults(section: str, fields: dict) -> dict:

@@ -170,6 +170,7 @@ def train_ensemble(
     resume_path: str | None = None,
     resume_expect: dict | None = None,
     monitor: Callable | None = None,
+    select: Callable | None = None,
 ):
     """Trains a batch of latent nets (leading member axis) in one vmap.
 
@@ -196,6 +197,14 @@ def train_ensemble(
     each checkpoint, also left for the caller to delete); if that file is
     missing (the interrupted run was not monitored) they are dropped and the
     curves start at the resume point.
+
+    ``select(params) -> (members,)`` (a held-out loss), with
+    ``cfg.select_every > 0``, is called outside the jitted epoch after every
+    ``select_every``-th and the last epoch; each member's parameters at its
+    lowest score are returned (model selection; early stopping without
+    stopping), and the history holds ``select/epoch`` (M,), ``select/score``
+    (M, members) and ``select/best_epoch`` (members,). The best parameters and
+    scores are part of the checkpoint, so a resumed run selects the same.
     """
     params, static = eqx.partition(nets, eqx.is_array)
     params = jax.tree_util.tree_map(jnp.copy, params)  # the loop donates its buffers, not the caller's
@@ -212,11 +221,18 @@ def train_ensemble(
     names = ("loss", "grad_norm", "lr")
     history = {k: [] for k in names}
     every = int(cfg.get("checkpoint_every", 0) or 0) if resume_path else 0
+    select_every = int(cfg.get("select_every", 0) or 0) if select is not None else 0
+    n_members = jax.tree_util.tree_leaves(params)[0].shape[0]
+    # the selection's state: each member's best parameters, score and epoch (epoch -1: none yet)
+    ticks = [t for t in range(1, cfg.epochs + 1) if select_every and (t % select_every == 0 or t == cfg.epochs)]
+    best = ({"params": jax.tree_util.tree_map(jnp.copy, params), "score": jnp.full((n_members,), jnp.inf, jnp.float64),
+             "epoch": jnp.full((n_members,), -1, jnp.int32),
+             "scores": jnp.full((len(ticks), n_members), jnp.nan, jnp.float64),
+             "ticks": jnp.asarray(ticks, jnp.int32)} if select_every else None)
     first = 0
     if every and os.path.exists(resume_path):
-        n_members = jax.tree_util.tree_leaves(params)[0].shape[0]
-        params, opt_state, first, history = _load_resume(resume_path, params, opt_state, names, (n_members,),
-                                                         cfg.epochs, resume_expect, log_prefix)
+        params, opt_state, first, history, best = _load_resume(resume_path, params, opt_state, names, (n_members,),
+                                                               cfg.epochs, resume_expect, log_prefix, best)
     monitor_every = int(cfg.get("monitor_every", 0) or 0) if monitor is not None else 0
     monitor_path = f"{resume_path}.monitor.npz" if resume_path else None
     monitored: dict[str, list] = {}
@@ -252,41 +268,70 @@ def train_ensemble(
             )
         if monitor_every and ((e + 1) % monitor_every == 0 or e + 1 == cfg.epochs):
             record(e + 1)
+        if select_every and ((e + 1) % select_every == 0 or e + 1 == cfg.epochs):
+            best = _select(best, params, select(params), ticks.index(e + 1))
         if every and (e + 1) % every == 0 and e + 1 < cfg.epochs:
             if monitor_every:  # first: a crash between the two files leaves it ahead, never behind
                 checkpoint.save_arrays(monitor_path, {k: np.stack(v) for k, v in monitored.items()},
                                        resume_expect or {})
-            _save_resume(resume_path, params, opt_state, history, cfg.epochs, resume_expect)
+            _save_resume(resume_path, params, opt_state, history, cfg.epochs, resume_expect, best)
     history = {k: np.stack(v) for k, v in history.items()}
     history.update({f"monitor/{k}": np.stack(v) for k, v in monitored.items()})
+    if select_every:
+        history.update({"select/epoch": np.asarray(ticks), "select/score": np.asarray(best["scores"]),
+                        "select/best_epoch": np.asarray(best["epoch"])})
+        params = best["params"]
     return eqx.combine(params, static), history
 
 
+def _select(best: dict, params, score, row: int) -> dict:
+    """``best`` with the members whose ``score`` (after the epoch ``row`` of the
+    selection ticks) is below their best so far taking ``params``."""
+    score = jnp.asarray(score, jnp.float64)
+    if not bool(jnp.all(jnp.isfinite(score))):
+        raise FloatingPointError(f"non-finite held-out score {np.asarray(score)} at selection tick {row}")
+    better = score < best["score"]
+
+    def pick(new, old):
+        return jnp.where(better.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    return {"params": jax.tree_util.tree_map(pick, params, best["params"]),
+            "score": jnp.where(better, score, best["score"]),
+            "epoch": jnp.where(better, best["ticks"][row], best["epoch"]),
+            "scores": best["scores"].at[row].set(score), "ticks": best["ticks"]}
+
+
 def _save_resume(path: str, params, opt_state, history: dict[str, list], total_epochs: int,
-                 expect: dict | None) -> None:
+                 expect: dict | None, best: dict | None = None) -> None:
     """Training state after ``len(history[...])`` epochs: params, optimiser state,
-    the epoch count and the history padded to ``total_epochs`` (fixed shapes, so
-    ``_load_resume`` can build the skeleton before reading)."""
+    the epoch count, the history padded to ``total_epochs`` (fixed shapes, so
+    ``_load_resume`` can build the skeleton before reading) and, when
+    selecting, the selection's state ``best``."""
     done = len(next(iter(history.values())))
     padded = {k: np.concatenate([np.stack(v), np.zeros((total_epochs - done, *np.shape(v[0])))])
               for k, v in history.items()}
     state = {"params": params, "opt_state": opt_state, "epoch": jnp.asarray(done, jnp.int32),
              "history": {k: jnp.asarray(v, jnp.float64) for k, v in padded.items()}}
+    if best is not None:
+        state["best"] = best
     checkpoint.save_model(path, state, expect or {})
 
 
 def _load_resume(path: str, params, opt_state, names, shape: tuple, total_epochs: int, expect: dict | None,
-                 log_prefix: str):
-    """(params, opt_state, epochs done, history lists) saved by ``_save_resume``;
-    ``params`` and ``opt_state`` give the structure, ``shape`` a history entry's.
-    Raises ``checkpoint.DataFileError`` if the file is from other settings."""
+                 log_prefix: str, best: dict | None = None):
+    """(params, opt_state, epochs done, history lists, best) saved by
+    ``_save_resume``; ``params``, ``opt_state`` and ``best`` (None when not
+    selecting) give the structure, ``shape`` a history entry's. Raises
+    ``checkpoint.DataFileError`` if the file is from other settings."""
     skeleton = {"params": params, "opt_state": opt_state, "epoch": jnp.zeros((), jnp.int32),
                 "history": {k: jnp.zeros((total_epochs, *shape), jnp.float64) for k in names}}
+    if best is not None:
+        skeleton["best"] = best
     state = checkpoint.load_model(path, skeleton, expect=expect)
     first = int(state["epoch"])
     history = {k: list(np.asarray(state["history"][k][:first])) for k in names}
     logging.info("%sresuming at epoch %d/%d from %s", log_prefix, first + 1, total_epochs, path)
-    return state["params"], state["opt_state"], first, history
+    return state["params"], state["opt_state"], first, history, state.get("best")
 
 
 def _load_monitored(path: str, first: int, expect: dict | None, log_prefix: str) -> dict[str, list]:
@@ -362,8 +407,8 @@ def train_autoencoder(ae, xs, cfg, key, log_prefix: str = "autoencoder: ", n: in
     every = int(cfg.get("checkpoint_every", 0) or 0) if resume_path else 0
     first = 0
     if every and os.path.exists(resume_path):
-        params, opt_state, first, history = _load_resume(resume_path, params, opt_state, tuple(history), (),
-                                                         cfg.epochs, resume_expect, log_prefix)
+        params, opt_state, first, history, _ = _load_resume(resume_path, params, opt_state, tuple(history), (),
+                                                            cfg.epochs, resume_expect, log_prefix)
     start = time.perf_counter()
     for e in range(first, cfg.epochs):
         epoch_start = time.perf_counter()

@@ -13,6 +13,7 @@ import pytest
 from configs import predator_prey
 from macro_jax import eval as evaluation
 from macro_jax import checkpoint, experiment, sweep
+from macro_jax.config import ConfigError, validate
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RESULT_KEYS = {"loss", "n_configs", "n_force_computations", "force_seconds", "test_error_mean", "test_error_std"}
@@ -297,6 +298,36 @@ def test_online_label_mode_end_to_end(smoke_run, tmp_path):
     # one labelling for the normalisation, then n x k fresh site forces per epoch
     assert result["n_force_computations"] == n * k * (1 + config.train.epochs)
     assert np.isfinite(result["test_error_mean"])
+
+
+def test_model_selection_end_to_end(smoke_run, tmp_path):
+    """train.select_every: the last tenth of a run's labelled configurations is
+    held out (still counted in its budget), each member keeps its best epoch."""
+    import shutil
+
+    workdir, config, results = smoke_run
+    copy = str(tmp_path / "select")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    shutil.copytree(os.path.join(workdir, "autoencoder"), os.path.join(copy, "autoencoder"))
+    config = predator_prey.get_config("smoke")
+    config.train.select_every = 2
+    selected = experiment.train_and_evaluate(config, copy)
+    for plain, r in zip(results, selected):
+        assert r["n_force_computations"] == plain["n_force_computations"] == config.train.budget
+        assert r["n_select_configs"] == round(0.1 * r["n_configs"]) >= 1
+        assert all(1 <= e <= config.train.epochs for e in r["select_best_epoch"])
+        assert np.isfinite(r["test_error_mean"])
+        assert r["settings"] != plain["settings"]  # a selected run is not reused as the protocol's
+    history = np.load(os.path.join(copy, "runs", experiment.run_name(selected[2]["run"], config.train.budget),
+                                   "history.npz"))
+    np.testing.assert_array_equal(history["select/best_epoch"], selected[2]["select_best_epoch"])
+    config.train.select_fraction = 1.0
+    with pytest.raises(ConfigError, match=r"train.select_fraction=1.0 is invalid"):
+        validate(config, n_observables=2)
+    config.train.select_fraction, config.train.label_mode = 0.1, "online"
+    config.train.runs = ("xp:0.2",)
+    with pytest.raises(ConfigError, match=r"train.select_every=2 is invalid: needs train.label_mode='offline'"):
+        validate(config, n_observables=2)
 
 
 def test_budget_beyond_pool_names_the_field(smoke_run):
