@@ -171,13 +171,6 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         for spec in t.runs:
             _require(parse_run(spec)[0] == "xp", "train.label_mode", t.label_mode,
                      f"'online' needs every train.runs entry to be 'xp:<p>' (got {spec!r})")
-    _require(int(t.get("select_every", 0) or 0) >= 0, "train.select_every", t.get("select_every"),
-             "must be an integer >= 0 (0 = no model selection)")
-    if int(t.get("select_every", 0) or 0) > 0:
-        _require(0.0 < float(t.select_fraction) < 1.0, "train.select_fraction", t.select_fraction,
-                 "must be in (0, 1) when train.select_every > 0")
-        _require(t.label_mode == "offline", "train.select_every", t.select_every,
-                 "needs train.label_mode='offline' (online labels are drawn inside the step)")
     _require(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", t.seeds,
              "must be a non-empty tuple of distinct integers")
     _require(t.budget >= 1, "train.budget", t.budget, "must be a positive number of site forces")
@@ -190,6 +183,14 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
 
         for field in ("epochs", "batch_size"):
             _require(int(s[field]) >= 1, name(field), s[field], "must be an integer >= 1")
+        select_every = int(s.get("select_every", 0) or 0)
+        _require(select_every >= 0, name("select_every"), s.get("select_every"),
+                 "must be an integer >= 0 (0 = no model selection)")
+        if select_every > 0:
+            _require(0.0 < float(s["select_fraction"]) < 1.0, name("select_fraction"), s["select_fraction"],
+                     "must be in (0, 1) when train.select_every > 0")
+            _require(t.label_mode == "offline", name("select_every"), select_every,
+                     "needs train.label_mode='offline' (online labels are drawn inside the step)")
         _require(s.patience >= 0, name("patience"), s.patience, "must be >= 0")
         _require(int(s.checkpoint_every) >= 0, name("checkpoint_every"), s.checkpoint_every, "must be >= 0 (0 = never)")
         _require(int(s.get("monitor_every", 0)) >= 0, name("monitor_every"), s.get("monitor_every", 0),
