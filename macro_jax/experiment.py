@@ -39,7 +39,6 @@ from macro_jax import pool as pool_lib
 from macro_jax.config import (ConfigError, parse_run, run_option, run_settings, site_sampling, subset_size,
                               validate, z_weighting)
 from macro_jax.models import Autoencoder, make_latent_model
-from macro_jax.models.latent import NormalisedField
 from macro_jax.systems import MicroSystem, Trajectories, make_system
 
 
@@ -456,14 +455,9 @@ def _split_selection(samples, per_member: bool, n: int, fraction: float):
 
 def _make_select(sample_loss, nets, stats, held, per_member: bool):
     """``select(params) -> (members,)``: each member's mean loss on ``held``."""
-    static = eqx.partition(nets, eqx.is_array)[1]
-    n_held = jax.tree_util.tree_leaves(held)[0].shape[1 if per_member else 0]
-
-    def one(params, member_stats, member_held):
-        field = NormalisedField(eqx.combine(params, static), *member_stats)
-        return losses.batch_loss(sample_loss, field, member_held, jnp.ones((n_held,), jnp.float32))
-
-    scores = jax.jit(jax.vmap(one, in_axes=(0, 0, 0 if per_member else None)))
+    loss_fn = train.dynamics_loss_fn(sample_loss, eqx.partition(nets, eqx.is_array)[1])
+    mask = jnp.ones((jax.tree_util.tree_leaves(held)[0].shape[1 if per_member else 0],), jnp.float32)
+    scores = jax.jit(jax.vmap(lambda p, s, h: loss_fn(p, (h, s), mask)[0], in_axes=(0, 0, 0 if per_member else None)))
     return lambda params: scores(params, stats, held)
 
 

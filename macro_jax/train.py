@@ -223,12 +223,13 @@ def train_ensemble(
     every = int(cfg.get("checkpoint_every", 0) or 0) if resume_path else 0
     select_every = int(cfg.get("select_every", 0) or 0) if select is not None else 0
     n_members = jax.tree_util.tree_leaves(params)[0].shape[0]
-    # the selection's state: each member's best parameters, score and epoch (epoch -1: none yet)
+    # selection epochs -> their row; the selection's state: each member's best parameters, score and epoch
+    # (epoch -1: none yet) and every score so far
     ticks = [t for t in range(1, cfg.epochs + 1) if select_every and (t % select_every == 0 or t == cfg.epochs)]
+    tick_row = {t: row for row, t in enumerate(ticks)}
     best = ({"params": jax.tree_util.tree_map(jnp.copy, params), "score": jnp.full((n_members,), jnp.inf, jnp.float64),
              "epoch": jnp.full((n_members,), -1, jnp.int32),
-             "scores": jnp.full((len(ticks), n_members), jnp.nan, jnp.float64),
-             "ticks": jnp.asarray(ticks, jnp.int32)} if select_every else None)
+             "scores": jnp.full((len(ticks), n_members), jnp.nan, jnp.float64)} if select_every else None)
     first = 0
     if every and os.path.exists(resume_path):
         params, opt_state, first, history, best = _load_resume(resume_path, params, opt_state, names, (n_members,),
@@ -268,8 +269,8 @@ def train_ensemble(
             )
         if monitor_every and ((e + 1) % monitor_every == 0 or e + 1 == cfg.epochs):
             record(e + 1)
-        if select_every and ((e + 1) % select_every == 0 or e + 1 == cfg.epochs):
-            best = _select(best, params, select(params), ticks.index(e + 1))
+        if e + 1 in tick_row:
+            best = _select(best, params, select(params), tick_row[e + 1], e + 1)
         if every and (e + 1) % every == 0 and e + 1 < cfg.epochs:
             if monitor_every:  # first: a crash between the two files leaves it ahead, never behind
                 checkpoint.save_arrays(monitor_path, {k: np.stack(v) for k, v in monitored.items()},
@@ -284,12 +285,12 @@ def train_ensemble(
     return eqx.combine(params, static), history
 
 
-def _select(best: dict, params, score, row: int) -> dict:
-    """``best`` with the members whose ``score`` (after the epoch ``row`` of the
-    selection ticks) is below their best so far taking ``params``."""
+def _select(best: dict, params, score, row: int, epochs_done: int) -> dict:
+    """``best`` with the members whose ``score`` (after ``epochs_done`` epochs,
+    the selection's ``row``-th) is below their best so far taking ``params``."""
     score = jnp.asarray(score, jnp.float64)
     if not bool(jnp.all(jnp.isfinite(score))):
-        raise FloatingPointError(f"non-finite held-out score {np.asarray(score)} at selection tick {row}")
+        raise FloatingPointError(f"non-finite held-out score {np.asarray(score)} after epoch {epochs_done}")
     better = score < best["score"]
 
     def pick(new, old):
@@ -297,8 +298,8 @@ def _select(best: dict, params, score, row: int) -> dict:
 
     return {"params": jax.tree_util.tree_map(pick, params, best["params"]),
             "score": jnp.where(better, score, best["score"]),
-            "epoch": jnp.where(better, best["ticks"][row], best["epoch"]),
-            "scores": best["scores"].at[row].set(score), "ticks": best["ticks"]}
+            "epoch": jnp.where(better, epochs_done, best["epoch"]),
+            "scores": best["scores"].at[row].set(score)}
 
 
 def _save_resume(path: str, params, opt_state, history: dict[str, list], total_epochs: int,

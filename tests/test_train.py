@@ -212,17 +212,13 @@ def test_selection_returns_each_members_best_parameters_and_survives_resume(tmp_
 
     """train.select_every: each member leaves with its parameters at its lowest
     held-out score, equal to a run stopped at that epoch; resuming selects the same."""
-    from macro_jax.models.latent import NormalisedField
-
     nets, samples, stats, cfg = _tiny_ensemble(select_every=1)
     keys = jr.split(jr.PRNGKey(2), 2)
     held = {"z": samples["z"][:8], "jf": -samples["jf"][:8]}  # wrong labels: the score gets worse as training fits
+    loss_fn = train.dynamics_loss_fn(losses.loss_z, eqx.partition(nets, eqx.is_array)[1])
 
     def select(params):
-        def one(p, st):
-            field = NormalisedField(eqx.combine(p, eqx.partition(nets, eqx.is_array)[1]), *st)
-            return losses.batch_loss(losses.loss_z, field, held, jnp.ones(8))
-        return jax.vmap(one)(params, stats)
+        return jax.vmap(lambda p, st: loss_fn(p, (held, st), jnp.ones(8))[0])(params, stats)
 
     path = str(tmp_path / "resume.eqx")
     kw = dict(cfg=cfg, keys=keys, per_member_data=False, resume_path=path, resume_expect={"run": "t"}, select=select)
