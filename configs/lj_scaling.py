@@ -65,8 +65,11 @@ def get_config(variant: str = "800"):
     # brackets: at 800 atoms the TRUE error of L_x,p crosses 3e-3 well above the
     # reference's 2,250 configurations (measured with the flawed metric), so
     # the L_x,p grid goes to 10,000 (the first 40 of the 45 pool runs).
+    # "zp" (our L_z,p, not the protocol; add f"zp:{k}/{n}" to sweep.runs) takes
+    # the L_x,p grid, so that the two partial losses meet at equal force counts.
     if smoke:
-        c.sweep.n_configs = {"z": (10, 20), "xp": (40, 80)}
+        c.sweep.n_configs = {"z": (10, 20), "xp": (40, 80), "zp": (40, 80)}
     else:
-        c.sweep.n_configs = {"z": (250, 500, 1000, 2000), "xp": (1000, 2000, 3000, 5000, 10000)}
+        xp = (1000, 2000, 3000, 5000, 10000)
+        c.sweep.n_configs = {"z": (250, 500, 1000, 2000), "xp": xp, "zp": xp}
     return c

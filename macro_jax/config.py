@@ -8,7 +8,7 @@ from fractions import Fraction
 import ml_collections
 
 from macro_jax.jacobian import JACOBIAN_METHODS
-from macro_jax.losses import LOSSES
+from macro_jax.losses import LOSSES, is_partial
 from macro_jax.models.latent import LATENT_MODELS
 from macro_jax.systems.integrators import INTEGRATORS
 
@@ -22,7 +22,7 @@ Z_WEIGHTINGS = ("physical", "normalised")
 
 
 def _split_run(spec: str) -> tuple[str, str, str]:
-    """``(loss, p, option)``: ``"xp:<p>[:<sampling>]"``, ``"z[:<weighting>]"``, ``"x"``."""
+    """``(loss, p, option)``: ``"xp:<p>[:<sampling>]"``, ``"zp:<p>[:<sampling>]"``, ``"z[:<weighting>]"``, ``"x"``."""
     loss, _, rest = str(spec).partition(":")
     if loss == "z":
         return loss, "", rest
@@ -34,7 +34,8 @@ def parse_run(spec: str) -> tuple[str, float]:
     """``"z"`` or ``"z:normalised"`` -> (z, 1); ``"x"`` -> (x, 1); ``"xp:0.2"``,
     ``"xp:1/5"`` or ``"xp:1/5:importance"`` -> (xp, 0.2). The option after ``z``
     is its weighting (``z_weighting``), the third field of ``xp`` its site
-    sampling (``site_sampling``)."""
+    sampling (``site_sampling``). ``"zp:<p>[:<sampling>]"`` (our ``L_z,p``,
+    ``macro_jax.losses``) takes the same fields as ``xp``."""
     loss, p_text, option = _split_run(spec)
     if loss not in LOSSES:
         raise ConfigError(f"train.runs entry {spec!r}: loss {loss!r} is not one of {list(LOSSES)}")
@@ -45,8 +46,8 @@ def parse_run(spec: str) -> tuple[str, float]:
         return loss, 1.0
     if loss == "x":
         if p_text or option:
-            raise ConfigError(f"train.runs entry {spec!r}: 'x' takes no options; only 'xp' takes a fraction p "
-                              "and a site sampling, only 'z' a weighting")
+            raise ConfigError(f"train.runs entry {spec!r}: 'x' takes no options; only 'xp' and 'zp' take a "
+                              "fraction p and a site sampling, only 'z' a weighting")
         return loss, 1.0
     try:
         p = float(Fraction(p_text))
@@ -60,12 +61,12 @@ def parse_run(spec: str) -> tuple[str, float]:
 
 
 def site_sampling(spec: str) -> str:
-    """How an ``xp`` run draws its sites: ``"uniform"`` (default: k distinct sites,
+    """How an ``xp`` (or ``zp``) run draws its sites: ``"uniform"`` (default: k distinct sites,
     uniformly, the paper's) or ``"importance"`` (``"xp:<p>:importance"``: k i.i.d.
     draws from the system's proposal, each weighted by 1 / (n_sites q); an
     improvement of ours, not the paper's protocol). Runs with all forces: ``"uniform"``."""
     loss, _ = parse_run(spec)
-    return (_split_run(spec)[2] or "uniform") if loss == "xp" else "uniform"
+    return (_split_run(spec)[2] or "uniform") if is_partial(loss) else "uniform"
 
 
 def z_weighting(spec: str) -> str:
@@ -98,13 +99,15 @@ def subset_size(p: float, n_sites: int, spec: str = "") -> int:
 
 
 def run_settings(config, loss: str) -> ml_collections.ConfigDict:
-    """``config.train`` with the per-loss overrides for ``loss`` applied."""
+    """``config.train`` with the per-loss overrides for ``loss`` applied. ``zp``
+    takes ``xp``'s overrides first, then its own: it trains on the same partial
+    labels, so by default with the same settings."""
     cfg = ml_collections.ConfigDict(config.train.to_dict())
-    overrides = config.train.per_loss.get(loss, None)
-    if overrides:
-        for key, value in dict(overrides).items():
+    for name in (("xp", "zp") if loss == "zp" else (loss,)):
+        overrides = config.train.per_loss.get(name, None)
+        for key, value in dict(overrides or {}).items():
             if key not in cfg:
-                raise ConfigError(f"train.per_loss.{loss}.{key}: not a field of train")
+                raise ConfigError(f"train.per_loss.{name}.{key}: not a field of train")
             cfg[key] = value
     return cfg
 
@@ -169,17 +172,18 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
     _require(t.label_mode in ("offline", "online"), "train.label_mode", t.label_mode, "must be 'offline' or 'online'")
     if t.label_mode == "online":
         for spec in t.runs:
-            _require(parse_run(spec)[0] == "xp", "train.label_mode", t.label_mode,
-                     f"'online' needs every train.runs entry to be 'xp:<p>' (got {spec!r})")
+            _require(is_partial(parse_run(spec)[0]), "train.label_mode", t.label_mode,
+                     f"'online' needs every train.runs entry to be 'xp:<p>' or 'zp:<p>' (got {spec!r})")
     _require(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", t.seeds,
              "must be a non-empty tuple of distinct integers")
     _require(t.budget >= 1, "train.budget", t.budget, "must be a positive number of site forces")
     for loss in LOSSES:
         s = run_settings(config, loss)
-        overridden = set(dict(config.train.per_loss.get(loss, None) or {}))
+        source = {field: f"train.per_loss.{by}.{field}" for by in (("xp", "zp") if loss == "zp" else (loss,))
+                  for field in dict(config.train.per_loss.get(by, None) or {})}
 
         def name(field):
-            return f"train.per_loss.{loss}.{field}" if field in overridden else f"train.{field}"
+            return source.get(field, f"train.{field}")
 
         for field in ("epochs", "batch_size"):
             _require(int(s[field]) >= 1, name(field), s[field], "must be an integer >= 1")

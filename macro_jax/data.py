@@ -20,6 +20,7 @@ import jax.random as jr
 import numpy as np
 
 from macro_jax import jacobian
+from macro_jax.losses import is_partial
 from macro_jax import pool as pool_lib
 from macro_jax.systems.base import MicroSystem, sample_sites, sample_sites_weighted
 
@@ -97,6 +98,9 @@ def _sample_fn(ae, method: str, system: MicroSystem, loss: str, proposal=None):
             return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
 
         return one
+    if loss == "zp":  # L_z,p reads the rate estimate only (no Cholesky factor, no sampled Gram kept)
+        return lambda x, f_sub, s: {key: v for key, v in partial_sample(geometry, system, x, f_sub, s, proposal).items()
+                                    if key in ("z", "rate", "rate2")}
     return lambda x, f_sub, s: partial_sample(geometry, system, x, f_sub, s, proposal)
 
 
@@ -109,7 +113,7 @@ def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, site
     """Per-configuration arrays the stage-2 loss reads (see ``macro_jax.losses``).
 
     ``labels`` are full forces (n, N) for ``z``/``x`` and subset forces
-    (n, k * dofs_per_site) for ``xp`` (with ``sites`` (n, k), drawn uniformly
+    (n, k * dofs_per_site) for ``xp``/``zp`` (with ``sites`` (n, k), drawn uniformly
     or, with ``proposal``, from it: see ``partial_sample``).
     """
 
@@ -124,13 +128,13 @@ def precompute(ae, method: str, system: MicroSystem, loss: str, xs, labels, site
 
 def labeller(system: MicroSystem, loss: str):
     """``label(xs, sites)`` for a batch of configurations: the forces of ``sites``
-    only (the subset calculator, vmapped) for ``xp``, all forces otherwise
+    only (the subset calculator, vmapped) for ``xp``/``zp``, all forces otherwise
     (``sites`` unused), one configuration after another: a full-force call's
     temporaries (a jax-md neighbour build: 103 MiB per configuration at 2,700
     atoms) times a vmapped chunk of 256 exhausted memory, and the sequential
     map is also faster (measured, 32 configurations, one process: 10.4 vs 25.3
     ms each at 800 atoms, 84.6 vs 152 ms at 2,700; the same forces bit for bit)."""
-    if loss == "xp":
+    if is_partial(loss):
         return jax.vmap(system.subset_force_fn)
     return lambda xs, _: jax.lax.map(system.force_fn, xs)
 
@@ -142,7 +146,7 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
     memory-mapped ``BlockPool``): neither the configurations nor their forces
     are ever held all at once, only the per-configuration samples.
 
-    Full forces for ``z``/``x``; for ``xp`` the forces of ``sites`` (n, k) only,
+    Full forces for ``z``/``x``; for ``xp``/``zp`` the forces of ``sites`` (n, k) only,
     by the subset calculator (drawn from ``proposal``, if given: see
     ``partial_sample``). Returns ``(samples, ForceAccount)``; the seconds
     are those of the force calls alone (compile excluded).
@@ -151,7 +155,7 @@ def label_and_precompute(system: MicroSystem, ae, method: str, loss: str, pool, 
     n = indices.shape[0]
     sites = _no_sites(n) if sites is None else jnp.asarray(sites)
     label = labeller(system, loss)
-    n_forces = int(sites.size) if loss == "xp" else n * system.n_sites
+    n_forces = int(sites.size) if is_partial(loss) else n * system.n_sites
     one = _sample_fn(ae, method, system, loss, proposal)
     prep = jax.vmap(one)
     write = jax.jit(lambda buf, part, lo: jax.tree_util.tree_map(

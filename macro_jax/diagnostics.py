@@ -35,6 +35,7 @@ from macro_jax import checkpoint, jacobian, losses, plotting, train
 from macro_jax import eval as evaluation
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run
+from macro_jax.losses import is_partial
 
 # ---------------------------------------------------------------- condition numbers
 
@@ -172,7 +173,7 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
               "runs": {}}
     for spec in config.train.runs:
         loss, p = parse_run(spec)
-        if loss != "xp":
+        if not is_partial(loss):
             continue
         k = subset_size(p, prep.system.n_sites, spec)
         r = subset_noise(prep.system, prep.ae, prep.pool, k, idx)

@@ -396,7 +396,7 @@ def _broadcast(arrays, n_members: int):
 def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, label_keys, n_members: int,
             proposal=None):
     """Labels and precomputed loss inputs of one run: (samples, per_member,
-    stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``xp`` runs
+    stats, n_forces, force_seconds, batch_fn); see ``run_loss``. ``xp``/``zp`` runs
     draw their sites uniformly, or from ``proposal`` (``_proposal``)."""
     system, ae = prep.system, prep.ae
     method = config.autoencoder.jacobian
@@ -476,11 +476,11 @@ def check_site_sampling(system: MicroSystem, spec: str) -> None:
 
 def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[int, int]:
     """``(k, n)`` of a run: sites labelled per configuration (all for ``z``/``x``,
-    ``p n_sites`` for ``xp``) and configurations, ``budget // k``; raises
+    ``p n_sites`` for ``xp``/``zp``) and configurations, ``budget // k``; raises
     ``ConfigError`` if the pool (``n_pool`` configurations) cannot supply them."""
     loss, p = parse_run(spec)
     check_site_sampling(system, spec)
-    k = subset_size(p, system.n_sites, spec) if loss == "xp" else system.n_sites
+    k = subset_size(p, system.n_sites, spec) if losses.is_partial(loss) else system.n_sites
     n = int(budget // k)
     if n < 1 or n > n_pool:
         raise ConfigError(
@@ -547,7 +547,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "loss": losses.LOSS_NAMES[loss],
         "run": spec,
         "p": p,
-        "site_sampling": site_sampling(spec) if loss == "xp" else None,
+        "site_sampling": site_sampling(spec) if losses.is_partial(loss) else None,
         "z_weighting": z_weighting(spec) if loss == "z" else None,
         "sites_per_config": k,
         "budget": int(budget),
@@ -556,8 +556,8 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "force_seconds": float(force_seconds),
         # full forces of the held-out configurations of the monitored curves (not in the budget)
         "diagnostic_force_computations": int(n_diagnostic_forces),
-        "label_mode": cfg.label_mode if loss == "xp" else "offline",
-        "shared_subsets": bool(cfg.shared_subsets) if loss == "xp" else None,
+        "label_mode": cfg.label_mode if losses.is_partial(loss) else "offline",
+        "shared_subsets": bool(cfg.shared_subsets) if losses.is_partial(loss) else None,
         # model selection (train.select_every): configurations held out of training, each member's chosen epoch
         "n_select_configs": int(n_select),
         "select_best_epoch": np.asarray(history["select/best_epoch"]).tolist() if select is not None else None,
@@ -646,11 +646,11 @@ def run_name(spec: str, budget: int, tag: str = "", draw_seed: int | None = None
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``,
     ``xp_p0.0625_importance_budget100000000`` for ``"xp:1/16:importance"``,
-    ``z_normalised_budget100000000`` for ``"z:normalised"``,
+    ``z_normalised_budget100000000`` for ``"z:normalised"``, ``zp_p0.0625_budget100000`` for ``"zp:1/16"``,
     ``xp_p0.0625_budget250000_draw3`` with ``draw_seed=3``)."""
     loss, p = parse_run(spec)
     option = run_option(spec)
-    body = (f"{loss}_p{p:g}" if loss == "xp" else loss) + (f"_{option}" if option else "")
+    body = (f"{loss}_p{p:g}" if losses.is_partial(loss) else loss) + (f"_{option}" if option else "")
     draw = "" if draw_seed is None else f"_draw{int(draw_seed)}"
     return (f"{tag}_" if tag else "") + body + f"_budget{budget}" + draw
 
@@ -835,9 +835,9 @@ def public(result: dict) -> dict:
 
 def run_label(r: dict) -> str:
     """A result's name in tables and legends: ``L_z``, ``L_z normalised``,
-    ``L_x,p p=0.0625``, ``L_x,p p=0.0625 importance``."""
+    ``L_x,p p=0.0625``, ``L_x,p p=0.0625 importance``, ``L_z,p p=0.0625``."""
     option = run_option(r["run"]) if "run" in r else None
-    base = f"{r['loss']} p={r['p']:g}" if r["loss"] == "L_x,p" else r["loss"]
+    base = f"{r['loss']} p={r['p']:g}" if r["loss"] in ("L_x,p", "L_z,p") else r["loss"]
     return base + (f" {option}" if option else "")
 
 

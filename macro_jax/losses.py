@@ -9,12 +9,21 @@ Latent dynamics (stage 2, encoder frozen), per configuration with
   component divided by its rate std, ``"z:normalised"``)
 * ``L_x   = |f - J^+ g|^2 = |P f|^2 + (Jf - g)^T G^{-1} (Jf - g)``  (all forces)
 * ``L_x,p = (n_sites / k) |f_I - (J^+ g)_I|^2``         (forces of k sites)
+* ``L_z,p = |(n_sites / k) J_I f_I - g|^2``             (forces of k sites; ours)
 
 ``L_x`` is evaluated through the identity with the theta-independent
 ``|P f|^2`` precomputed, ``L_x,p`` from the Cholesky factor of ``G`` and the
 float64 products ``|f_I|^2``, ``J_I f_I`` and ``J_I J_I^T`` of the block
 ``J[:, I]`` (which itself is not kept); no N x d pseudo-inverse anywhere. Uniform subsets without
 replacement make ``L_x,p`` unbiased for ``L_x``.
+
+``L_z,p`` (``"zp:<p>"``, our option, not the paper's) is ``L_z`` with the
+unbiased k-site estimate ``h = (n_sites / k) J_I f_I`` of ``J f`` as its
+label: ``E_I |h - g|^2 = |J f - g|^2 + tr Cov(h)``, and the second term does
+not depend on theta, so its gradient is unbiased for ``L_z``'s. It pays the
+forces of ``L_x,p`` without ``L_x``'s metric ``G^{-1}`` and without the
+sampled Gram ``J_I J_I^T`` (``L_x,p``'s quadratic term, whose exact
+expectation ``g^T G^{-1} g`` it never needs): a cheaper step, the L_z metric.
 """
 
 from __future__ import annotations
@@ -26,8 +35,14 @@ import jax.numpy as jnp
 
 from macro_jax import jacobian
 
-LOSSES = ("z", "x", "xp")
-LOSS_NAMES = {"z": "L_z", "x": "L_x", "xp": "L_x,p"}
+LOSSES = ("z", "x", "xp", "zp")
+LOSS_NAMES = {"z": "L_z", "x": "L_x", "xp": "L_x,p", "zp": "L_z,p"}
+PARTIAL_LOSSES = ("xp", "zp")  # labelled with the forces of k sites per configuration
+
+
+def is_partial(loss: str) -> bool:
+    """Whether ``loss`` is labelled with the forces of a subset of sites."""
+    return loss in PARTIAL_LOSSES
 
 
 # ---------------------------------------------------------------- stage 1
@@ -93,8 +108,15 @@ def loss_xp(field, s, weight):
     return (weight * r2).astype(jnp.float32)
 
 
+def loss_zp(field, s):
+    """``|h - g(z)|^2`` with ``h = rate``, the unbiased k-site estimate of ``J f``
+    (``data.partial_sample``); sample keys: z, rate."""
+    g = field(0.0, s["z"])
+    return jnp.sum((s["rate"].astype(g.dtype) - g) ** 2)
+
+
 def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False) -> Callable:
-    """``(field, sample) -> scalar`` for the loss named ``z``, ``x`` or ``xp``;
+    """``(field, sample) -> scalar`` for the loss named ``z``, ``x``, ``xp`` or ``zp``;
     ``normalised`` picks ``loss_z_normalised`` for ``z``."""
     if loss == "z":
         return loss_z_normalised if normalised else loss_z
@@ -102,6 +124,8 @@ def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False) ->
         return loss_x
     if loss == "xp":
         return lambda field, s: loss_xp(field, s, weight)
+    if loss == "zp":
+        return loss_zp
     raise ValueError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
 
 

@@ -69,7 +69,7 @@ def table(rows_: list[dict]) -> str:
     for n in sorted({r["n_atoms"] for r in rows_}):
         here = [r for r in rows_ if r["n_atoms"] == n]
         for z in (r for r in here if r["loss"] == "L_z"):
-            for xp in (r for r in here if r["loss"] == "L_x,p"):
+            for xp in (r for r in here if r["loss"] in ("L_x,p", "L_z,p")):
                 plain = (z["label"], xp["label"]) == ("L_z", "L_x,p")
                 both = "forces_to_etol_last_member" in z and "forces_to_etol_last_member" in xp
                 flawed = ratio_text(z["forces_to_etol_last_member"], xp["forces_to_etol_last_member"],

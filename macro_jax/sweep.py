@@ -17,6 +17,7 @@ import numpy as np
 from macro_jax import checkpoint, experiment, plotting
 from macro_jax import eval as evaluation
 from macro_jax.config import parse_run, subset_size
+from macro_jax.losses import is_partial
 from macro_jax.systems import make_system
 
 # Published means over 3 seeds, keyed by force budget (site forces) and run:
@@ -44,7 +45,7 @@ def grid(config) -> list[tuple[str, int]]:
     for spec in config.sweep.runs:
         loss, p = parse_run(spec)
         if loss in sizes:
-            k = subset_size(p, n_sites, spec) if loss == "xp" else n_sites
+            k = subset_size(p, n_sites, spec) if is_partial(loss) else n_sites
             pairs += [(spec, int(n) * k) for n in sizes[loss]]
         else:
             pairs += [(spec, int(b)) for b in config.sweep.budgets]

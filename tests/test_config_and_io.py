@@ -73,6 +73,9 @@ def test_per_loss_override_of_unknown_field():
 
 def test_parse_run_and_subset_size():
     assert parse_run("xp:1/5") == ("xp", 0.2)
+    assert parse_run("zp:1/5") == ("zp", 0.2) and parse_run("zp:0.25:importance") == ("zp", 0.25)
+    with pytest.raises(ConfigError, match="p must be a number"):
+        parse_run("zp")
     assert parse_run("z") == ("z", 1.0)
     assert subset_size(0.2, 100) == 20 and subset_size(0.33, 100) == 33
     with pytest.raises(ConfigError, match="whole number"):
@@ -180,6 +183,21 @@ def test_run_names_are_flat_directory_names():
     assert run_name("z", 600) == "z_budget600"
     assert run_name("xp:1/16", 10**6, "mlp") == "mlp_xp_p0.0625_budget1000000"
     assert run_name("xp:1/16", 10**6, draw_seed=3) == "xp_p0.0625_budget1000000_draw3"
+    assert run_name("zp:1/16", 10**5) == "zp_p0.0625_budget100000"
+
+
+def test_zp_takes_the_xp_overrides_then_its_own():
+    from macro_jax.config import run_settings
+
+    config = predator_prey.get_config("smoke")
+    config.train.per_loss = {"xp": {"batch_size": 7, "lr": 3e-4}}
+    assert run_settings(config, "zp").batch_size == 7 and run_settings(config, "zp").lr == 3e-4
+    config.train.per_loss = {"xp": {"batch_size": 7, "lr": 3e-4}, "zp": {"lr": 2e-3}}
+    assert run_settings(config, "zp").lr == 2e-3 and run_settings(config, "zp").batch_size == 7
+    assert run_settings(config, "z").batch_size == config.train.batch_size
+    config.train.per_loss = {"xp": {"batch_size": 0}}
+    with pytest.raises(ConfigError, match=r"train.per_loss.xp.batch_size=0 is invalid"):
+        validate(config, 2)
 
 
 def test_lj800_start_and_specs_of_older_data():

@@ -300,6 +300,26 @@ def test_online_label_mode_end_to_end(smoke_run, tmp_path):
     assert np.isfinite(result["test_error_mean"])
 
 
+def test_partial_lz_end_to_end(smoke_run, tmp_path):
+    """'zp:<p>' (L_z with the k-site estimate of J f as label) pays L_x,p's
+    forces, in its own run directory, and trains to a finite error."""
+    import shutil
+
+    workdir, config, results = smoke_run
+    copy = str(tmp_path / "zp")
+    shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
+    shutil.copytree(os.path.join(workdir, "autoencoder"), os.path.join(copy, "autoencoder"))
+    config = predator_prey.get_config("smoke")
+    config.train.runs = ("zp:0.2",)
+    (result,) = experiment.train_and_evaluate(config, copy)
+    xp = results[2]
+    assert result["loss"] == "L_z,p" and xp["loss"] == "L_x,p"
+    for key in ("n_configs", "sites_per_config", "n_force_computations"):
+        assert result[key] == xp[key], key
+    assert os.path.exists(os.path.join(copy, "runs", "zp_p0.2_budget" + str(config.train.budget), "result.json"))
+    assert np.isfinite(result["test_error_mean"]) and result["test_error_mean"] != xp["test_error_mean"]
+
+
 def test_model_selection_end_to_end(smoke_run, tmp_path):
     """train.select_every: the last tenth of a run's labelled configurations is
     held out (still counted in its budget), each member keeps its best epoch."""

@@ -215,3 +215,38 @@ def test_normalised_lz_weights_each_component_by_its_rate_std():
         parse_run("z:whitened")
     with pytest.raises(ConfigError, match="'x' takes no options"):
         parse_run("x:normalised")
+
+
+def test_lzp_with_every_site_equals_lz(setup):
+    """L_z,p labelled at every site is L_z: the estimate of J f is J f itself."""
+    system, ae, xs, fs = setup
+    field = _field(jr.PRNGKey(11))
+    every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
+    sz = data.precompute(ae, "linear_first_layer", system, "z", xs[:4], fs[:4])
+    sp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:4], fs[:4], every)
+    assert set(sp) == {"z", "rate", "rate2"}  # no Cholesky factor or sampled Gram is kept
+    lz = jax.vmap(lambda s: losses.loss_z(field, s))(sz)
+    lzp = jax.vmap(lambda s: losses.loss_zp(field, s))(sp)
+    np.testing.assert_allclose(np.asarray(lzp), np.asarray(lz), rtol=1e-4)
+
+
+def test_lzp_differences_are_unbiased_for_lz(setup):
+    """E_I L_z,p = L_z + tr Cov(h) with a theta-independent second term, so the
+    difference between two latent fields is unbiased for L_z's difference
+    (hence the gradient is unbiased too), while L_z,p itself is biased upwards."""
+    system, ae, xs, fs = setup
+    g1, g2 = _field(jr.PRNGKey(12)), _field(jr.PRNGKey(13))
+    x, f = xs[5], fs[5]
+    sz = jax.tree_util.tree_map(lambda a: a[0], data.precompute(ae, "linear_first_layer", system, "z", x[None], f[None]))
+    k, n_draws = 20, 4000
+    sites = data.draw_sites(system, jr.PRNGKey(14), n_draws, k)
+    f_sub, _ = data.label_subset(system, jnp.broadcast_to(x, (n_draws, x.size)), sites)
+    sp = data.precompute(ae, "linear_first_layer", system, "zp", jnp.broadcast_to(x, (n_draws, x.size)), f_sub, sites)
+    vals = {i: np.asarray(jax.vmap(lambda s: losses.loss_zp(g, s))(sp), np.float64) for i, g in ((1, g1), (2, g2))}
+    diff = vals[1] - vals[2]
+    truth = float(losses.loss_z(g1, sz) - losses.loss_z(g2, sz))
+    stderr = diff.std(ddof=1) / np.sqrt(n_draws)
+    assert abs(diff.mean() - truth) < 4 * stderr, (diff.mean(), truth, stderr)
+    assert stderr < 0.05 * abs(truth)  # the check has power
+    offset = vals[1].mean() - float(losses.loss_z(g1, sz))  # tr Cov(h) > 0: the subset noise
+    assert offset > 4 * vals[1].std(ddof=1) / np.sqrt(n_draws)

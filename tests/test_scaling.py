@@ -109,10 +109,10 @@ def test_collector_keeps_our_options_apart_from_the_papers_runs(tmp_path):
                 for n, e in zip((100, 1000), errors)]
 
     rows = (rows_for("z", "L_z", 800, (1e-2, 1e-3)) + rows_for("z:normalised", "L_z", 800, (1e-3, 1e-4))
-            + rows_for("xp:50/800", "L_x,p", 50, (1e-3, 1e-4)))
+            + rows_for("xp:50/800", "L_x,p", 50, (1e-3, 1e-4)) + rows_for("zp:50/800", "L_z,p", 50, (1e-2, 1e-3)))
     out = scaling.collect([rows], e_tol=3e-3)
     by = {r["label"]: r for r in out}
-    assert set(by) == {"L_z", "L_z normalised", "L_x,p"}
+    assert set(by) == {"L_z", "L_z normalised", "L_x,p", "L_z,p"}
     assert by["L_z normalised"]["forces_to_etol"] == 100 * 800 and by["L_z"]["bound"] == "interpolated"
     table = scaling.table(out)
     # L_z reaches 3e-3 between 8e4 and 8e5 forces (log-linear: 2.67e5), L_x,p at 5e3 already
@@ -120,4 +120,6 @@ def test_collector_keeps_our_options_apart_from_the_papers_runs(tmp_path):
     assert "| 800 | ratio L_z / L_x,p | at least 53.3x | at least 53.3x | 10.7x |" in table
     assert "| 800 | ratio L_z normalised / L_x,p | 16.0x, not bounded (at most / at most) |" in table
     assert "| 800 | L_z normalised | at most 8e+04 | at most 0.08 | – |" in table
+    # our partial L_z is paired with L_z like L_x,p, without the paper's ratio (16x: 2.67e5 / 1.67e4)
+    assert "| 800 | ratio L_z / L_z,p | 16.0x | 16.0x | – |" in table
     scaling.plot(out, str(tmp_path / "fig4.png"))
