@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 
 SITE_SAMPLINGS = ("uniform", "importance")
+ZP_LABELS = ("unbiased", "regression")  # the label of L_z,p: "zp:<p>" and "zp:<p>:regression"
 Z_WEIGHTINGS = ("physical", "normalised")
 
 
@@ -55,8 +56,12 @@ def parse_run(spec: str) -> tuple[str, float]:
         raise ConfigError(f"train.runs entry {spec!r}: p must be a number in (0, 1], e.g. 'xp:0.2' or 'xp:1/5'")
     if not 0.0 < p <= 1.0:
         raise ConfigError(f"train.runs entry {spec!r}: p = {p} must be in (0, 1]")
+    if loss == "zp" and option == ZP_LABELS[1]:
+        return loss, p
     if option and option not in SITE_SAMPLINGS:
-        raise ConfigError(f"train.runs entry {spec!r}: site sampling {option!r} is not one of {list(SITE_SAMPLINGS)}")
+        also = f" (or, for 'zp', {ZP_LABELS[1]!r})" if loss == "zp" else ""
+        raise ConfigError(f"train.runs entry {spec!r}: site sampling {option!r} is not one of {list(SITE_SAMPLINGS)}"
+                          + also)
     return loss, p
 
 
@@ -66,7 +71,17 @@ def site_sampling(spec: str) -> str:
     draws from the system's proposal, each weighted by 1 / (n_sites q); an
     improvement of ours, not the paper's protocol). Runs with all forces: ``"uniform"``."""
     loss, _ = parse_run(spec)
-    return (_split_run(spec)[2] or "uniform") if is_partial(loss) else "uniform"
+    option = _split_run(spec)[2]
+    return option if is_partial(loss) and option in SITE_SAMPLINGS else "uniform"
+
+
+def zp_label(spec: str) -> str:
+    """What an ``L_z,p`` run fits: ``"unbiased"`` (``"zp:<p>"``: the k-site
+    estimate ``(n / k) J_I f_I`` of ``J f``) or ``"regression"``
+    (``"zp:<p>:regression"``, uniform sites: ``G (J_I J_I^T)^{-1} J_I f_I``,
+    see ``data.partial_sample``). Other losses: ``"unbiased"``."""
+    loss, _ = parse_run(spec)
+    return ZP_LABELS[1] if loss == "zp" and _split_run(spec)[2] == ZP_LABELS[1] else ZP_LABELS[0]
 
 
 def z_weighting(spec: str) -> str:
@@ -86,6 +101,8 @@ def run_option(spec: str) -> str | None:
     ``"importance"`` for ``"xp:<p>:importance"``), or None for the paper's runs:
     what names, labels and reference comparisons tell apart."""
     loss, _ = parse_run(spec)
+    if zp_label(spec) != ZP_LABELS[0]:
+        return zp_label(spec)
     option = z_weighting(spec) if loss == "z" else site_sampling(spec)
     return None if option in (Z_WEIGHTINGS[0], SITE_SAMPLINGS[0]) else option
 

@@ -36,7 +36,7 @@ from absl import logging
 
 from macro_jax import checkpoint, data, eval as evaluation, losses, plotting, stages, train
 from macro_jax import pool as pool_lib
-from macro_jax.config import (ConfigError, parse_run, run_option, run_settings, site_sampling, subset_size,
+from macro_jax.config import (ConfigError, parse_run, run_option, run_settings, site_sampling, subset_size, zp_label,
                               validate, z_weighting)
 from macro_jax.models import Autoencoder, make_latent_model
 from macro_jax.systems import MicroSystem, Trajectories, make_system
@@ -440,6 +440,17 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
 
 
+def check_regression_labels(samples, spec: str, n_dofs: int) -> None:
+    """Raises ``ConfigError`` if a regression label of ``spec`` is not finite:
+    ``J_I J_I^T`` was singular, which it is whenever the ``n_dofs`` sampled
+    coordinates are fewer than the latent dimension."""
+    bad = int(np.sum(~np.all(np.isfinite(np.asarray(samples["rate_regression"])), axis=-1)))
+    if bad:
+        raise ConfigError(f"train.runs entry {spec!r}: the regression label needs J_I J_I^T invertible, but it is "
+                          f"singular for {bad} configurations ({n_dofs} sampled coordinates per configuration; "
+                          "at least the latent dimension are needed): raise p or use 'zp:<p>'")
+
+
 def _split_selection(samples, per_member: bool, n: int, fraction: float):
     """(training samples, held-out samples, number held out): the last
     ``round(fraction n)`` configurations (at least 1) of a run's labelled
@@ -519,7 +530,11 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     with stages.stage(f"{name}: labels and precompute"):
         samples, per_member, stats, n_forces, force_seconds, batch_fn = _labels(
             prep, config, cfg, loss, indices, n, k, label_keys, n_members, _proposal(system, spec))
-    sample_loss = losses.per_sample_loss(loss, system.n_sites / k, normalised=z_weighting(spec) == "normalised")
+    regression = zp_label(spec) == "regression"
+    if regression and batch_fn is None:
+        check_regression_labels(samples, spec, k * system.dofs_per_site)
+    sample_loss = losses.per_sample_loss(loss, system.n_sites / k, normalised=z_weighting(spec) == "normalised",
+                                         regression=regression)
     select, n_select = None, 0
     if int(cfg.get("select_every", 0) or 0) > 0:
         samples, held, n_select = _split_selection(samples, per_member, n, float(cfg.select_fraction))
@@ -549,6 +564,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
         "p": p,
         "site_sampling": site_sampling(spec) if losses.is_partial(loss) else None,
         "z_weighting": z_weighting(spec) if loss == "z" else None,
+        "zp_label": zp_label(spec) if loss == "zp" else None,
         "sites_per_config": k,
         "budget": int(budget),
         "n_configs": n,

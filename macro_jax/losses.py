@@ -24,6 +24,9 @@ not depend on theta, so its gradient is unbiased for ``L_z``'s. It pays the
 forces of ``L_x,p`` without ``L_x``'s metric ``G^{-1}`` and without the
 sampled Gram ``J_I J_I^T`` (``L_x,p``'s quadratic term, whose exact
 expectation ``g^T G^{-1} g`` it never needs): a cheaper step, the L_z metric.
+``"zp:<p>:regression"`` fits the regression estimate ``G (J_I J_I^T)^{-1}
+J_I f_I`` instead (``data.partial_sample``; L_x,p's per-configuration
+minimiser, far less noisy, slightly biased).
 """
 
 from __future__ import annotations
@@ -108,16 +111,18 @@ def loss_xp(field, s, weight):
     return (weight * r2).astype(jnp.float32)
 
 
-def loss_zp(field, s):
-    """``|h - g(z)|^2`` with ``h = rate``, the unbiased k-site estimate of ``J f``
-    (``data.partial_sample``); sample keys: z, rate."""
+def loss_zp(field, s, label: str = "rate"):
+    """``|h - g(z)|^2`` with ``h = s[label]``: ``rate``, the unbiased k-site
+    estimate of ``J f``, or ``rate_regression``, the regression estimate
+    (``data.partial_sample``); sample keys: z and the label."""
     g = field(0.0, s["z"])
-    return jnp.sum((s["rate"].astype(g.dtype) - g) ** 2)
+    return jnp.sum((s[label].astype(g.dtype) - g) ** 2)
 
 
-def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False) -> Callable:
+def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False, regression: bool = False) -> Callable:
     """``(field, sample) -> scalar`` for the loss named ``z``, ``x``, ``xp`` or ``zp``;
-    ``normalised`` picks ``loss_z_normalised`` for ``z``."""
+    ``normalised`` picks ``loss_z_normalised`` for ``z``, ``regression`` the
+    regression label for ``zp``."""
     if loss == "z":
         return loss_z_normalised if normalised else loss_z
     if loss == "x":
@@ -125,7 +130,8 @@ def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False) ->
     if loss == "xp":
         return lambda field, s: loss_xp(field, s, weight)
     if loss == "zp":
-        return loss_zp
+        label = "rate_regression" if regression else "rate"
+        return lambda field, s: loss_zp(field, s, label)
     raise ValueError(f"train.loss={loss!r} is not one of {list(LOSSES)}")
 
 

@@ -74,6 +74,12 @@ def test_per_loss_override_of_unknown_field():
 def test_parse_run_and_subset_size():
     assert parse_run("xp:1/5") == ("xp", 0.2)
     assert parse_run("zp:1/5") == ("zp", 0.2) and parse_run("zp:0.25:importance") == ("zp", 0.25)
+    from macro_jax.config import site_sampling, zp_label
+
+    assert zp_label("zp:1/5:regression") == "regression" and site_sampling("zp:1/5:regression") == "uniform"
+    assert zp_label("zp:1/5") == "unbiased" == zp_label("xp:1/5")
+    with pytest.raises(ConfigError, match="site sampling 'regression' is not one of"):
+        parse_run("xp:1/5:regression")
     with pytest.raises(ConfigError, match="p must be a number"):
         parse_run("zp")
     assert parse_run("z") == ("z", 1.0)
@@ -184,6 +190,7 @@ def test_run_names_are_flat_directory_names():
     assert run_name("xp:1/16", 10**6, "mlp") == "mlp_xp_p0.0625_budget1000000"
     assert run_name("xp:1/16", 10**6, draw_seed=3) == "xp_p0.0625_budget1000000_draw3"
     assert run_name("zp:1/16", 10**5) == "zp_p0.0625_budget100000"
+    assert run_name("zp:1/16:regression", 10**5) == "zp_p0.0625_regression_budget100000"
 
 
 def test_zp_takes_the_xp_overrides_then_its_own():

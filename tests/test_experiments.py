@@ -310,14 +310,18 @@ def test_partial_lz_end_to_end(smoke_run, tmp_path):
     shutil.copytree(os.path.join(workdir, "data"), os.path.join(copy, "data"))
     shutil.copytree(os.path.join(workdir, "autoencoder"), os.path.join(copy, "autoencoder"))
     config = predator_prey.get_config("smoke")
-    config.train.runs = ("zp:0.2",)
-    (result,) = experiment.train_and_evaluate(config, copy)
+    config.train.runs = ("zp:0.2", "zp:0.2:regression")
+    unbiased, regression = experiment.train_and_evaluate(config, copy)
     xp = results[2]
-    assert result["loss"] == "L_z,p" and xp["loss"] == "L_x,p"
-    for key in ("n_configs", "sites_per_config", "n_force_computations"):
-        assert result[key] == xp[key], key
-    assert os.path.exists(os.path.join(copy, "runs", "zp_p0.2_budget" + str(config.train.budget), "result.json"))
-    assert np.isfinite(result["test_error_mean"]) and result["test_error_mean"] != xp["test_error_mean"]
+    assert unbiased["loss"] == regression["loss"] == "L_z,p" and xp["loss"] == "L_x,p"
+    assert (unbiased["zp_label"], regression["zp_label"]) == ("unbiased", "regression")
+    for result in (unbiased, regression):
+        for key in ("n_configs", "sites_per_config", "n_force_computations"):
+            assert result[key] == xp[key], key
+        assert np.isfinite(result["test_error_mean"]) and result["test_error_mean"] != xp["test_error_mean"]
+    assert unbiased["test_error_mean"] != regression["test_error_mean"]
+    for name in ("zp_p0.2", "zp_p0.2_regression"):
+        assert os.path.exists(os.path.join(copy, "runs", f"{name}_budget{config.train.budget}", "result.json"))
 
 
 def test_model_selection_end_to_end(smoke_run, tmp_path):

@@ -224,7 +224,7 @@ def test_lzp_with_every_site_equals_lz(setup):
     every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
     sz = data.precompute(ae, "linear_first_layer", system, "z", xs[:4], fs[:4])
     sp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:4], fs[:4], every)
-    assert set(sp) == {"z", "rate", "rate2"}  # no Cholesky factor or sampled Gram is kept
+    assert set(sp) == {"z", "rate", "rate2", "rate_regression"}  # no Cholesky factor or sampled Gram is kept
     lz = jax.vmap(lambda s: losses.loss_z(field, s))(sz)
     lzp = jax.vmap(lambda s: losses.loss_zp(field, s))(sp)
     np.testing.assert_allclose(np.asarray(lzp), np.asarray(lz), rtol=1e-4)
@@ -250,3 +250,37 @@ def test_lzp_differences_are_unbiased_for_lz(setup):
     assert stderr < 0.05 * abs(truth)  # the check has power
     offset = vals[1].mean() - float(losses.loss_z(g1, sz))  # tr Cov(h) > 0: the subset noise
     assert offset > 4 * vals[1].std(ddof=1) / np.sqrt(n_draws)
+
+
+def test_regression_label_minimises_lxp_and_is_exact_with_every_site(setup):
+    """``rate_regression = G (J_I J_I^T)^{-1} J_I f_I`` is the latent rate that
+    minimises a configuration's L_x,p (its gradient in g vanishes there), and
+    with every site it is J f itself."""
+    system, ae, xs, fs = setup
+    sites = data.draw_sites(system, jr.PRNGKey(15), 5, 20)
+    f_sub, _ = data.label_subset(system, xs[:5], sites)
+    sp = data.precompute(ae, "linear_first_layer", system, "xp", xs[:5], f_sub, sites)
+    szp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:5], f_sub, sites)
+    assert set(szp) == {"z", "rate", "rate2", "rate_regression"} and "rate_regression" not in sp
+    for i in range(5):
+        s = jax.tree_util.tree_map(lambda a: a[i], sp)
+        r = szp["rate_regression"][i]
+        grad = jax.grad(lambda g: losses.loss_xp(lambda t, z: g, s, 1.0).astype(jnp.float64))(r)
+        scale = jax.grad(lambda g: losses.loss_xp(lambda t, z: g, s, 1.0).astype(jnp.float64))(jnp.zeros_like(r))
+        assert float(jnp.linalg.norm(grad)) < 1e-6 * float(jnp.linalg.norm(scale))
+    every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
+    full = data.precompute(ae, "linear_first_layer", system, "zp", xs[:4], fs[:4], every)
+    jf = jax.vmap(lambda x, f: jacobian.jacobian_times(ae, x, f))(xs[:4], fs[:4])
+    np.testing.assert_allclose(np.asarray(full["rate_regression"]), np.asarray(jf), rtol=1e-4, atol=1e-6)
+
+
+def test_regression_label_with_too_few_sampled_dofs_is_an_error(setup):
+    from macro_jax.config import ConfigError
+    from macro_jax.experiment import check_regression_labels
+
+    system, ae, xs, fs = setup  # d = 4 latent rows, 1 dof per site: 2 sites cannot determine them
+    sites = data.draw_sites(system, jr.PRNGKey(16), 3, 2)
+    f_sub, _ = data.label_subset(system, xs[:3], sites)
+    szp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:3], f_sub, sites)
+    with pytest.raises(ConfigError, match=r"'zp:2/100:regression'.*singular for 3 configurations"):
+        check_regression_labels(szp, "zp:2/100:regression", 2)
