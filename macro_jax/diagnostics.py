@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import ml_collections
 import numpy as np
 from absl import logging
@@ -36,6 +37,7 @@ from macro_jax import eval as evaluation
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run
 from macro_jax.losses import is_partial
+from macro_jax.systems.base import sample_sites
 
 # ---------------------------------------------------------------- condition numbers
 
@@ -113,7 +115,7 @@ def cached_condition_numbers(config, workdir: str, get_prep) -> tuple[np.ndarray
 # ---------------------------------------------------------------- noise of the partial labels
 
 
-def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
+def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
     """How noisy the ``L_x,p`` estimate of the latent rate is, from FULL forces
     (a diagnostic: never used in training, never counted in a budget).
 
@@ -131,6 +133,11 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
     ``gram_noise``, the relative variance ``E |G_I - G|_F^2 / |G|_F^2`` of the
     k-site estimate ``G_I = (n / k) J_I J_I^T`` of the Gram ``G = J J^T`` (the
     metric L_x,p solves with), averaged over the configurations.
+    ``regression_noise_var`` (d,): the variance of the regression estimate
+    ``G (J_I J_I^T)^{-1} J_I f_I`` (``partial_sample``'s ``rate_regression``,
+    the per-configuration minimiser of ``L_x,p``; no closed form) over
+    ``n_draws`` uniform subsets per configuration, averaged over them, and
+    ``regression_ratio`` its ratio to ``signal_var``.
     J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
     """
     n, dps = system.n_sites, system.dofs_per_site
@@ -142,22 +149,34 @@ def subset_noise(system, ae, pool, k: int, indices) -> dict[str, np.ndarray]:
     fac = n**2 * (1.0 - k / n) / k
 
     @jax.jit
-    def one(x):
-        """(J f, estimator variance (d,), per-coordinate variances (dps, d), Gram noise) of one configuration."""
+    def one(x, key):
+        """(J f, estimator variance (d,), per-coordinate variances (dps, d), Gram noise,
+        regression-estimate variance (d,)) of one configuration."""
         f = system.force_fn(x).astype(jnp.float64)
         jac = jax.jacrev(ae.encode)(x).astype(jnp.float64)  # (d, N)
         cols = jac[:, site_dofs]  # (d, n, dps)
         c = cols * f[site_dofs]  # per-site, per-coordinate contributions to J f
         per_site_gram = jnp.einsum("ask,bsk->sab", cols, cols)  # (n, d, d)
         gram_noise = fac * jnp.sum(jnp.var(per_site_gram, 0, ddof=1)) / jnp.sum(per_site_gram.sum(0) ** 2)
-        return (c.sum((1, 2)), fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise)
 
-    per_config = [jax.device_get(one(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]))) for i in np.asarray(indices)]
-    rates, noise, by_component, gram_noise = (np.stack(a) for a in zip(*per_config))
+        def regression(draw_key):
+            sites = sample_sites(draw_key, n, k)
+            ci = cols[:, sites].reshape(cols.shape[0], -1)
+            return per_site_gram.sum(0) @ jnp.linalg.solve(ci @ ci.T, c[:, sites].sum((1, 2)))
+
+        reg = jax.vmap(regression)(jr.split(key, n_draws))
+        return (c.sum((1, 2)), fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
+                jnp.var(reg, 0, ddof=1))
+
+    keys = jr.split(jr.PRNGKey(seed), len(indices))
+    per_config = [jax.device_get(one(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]), keys[j]))
+                  for j, i in enumerate(np.asarray(indices))]
+    rates, noise, by_component, gram_noise, reg_noise = (np.stack(a) for a in zip(*per_config))
     signal = rates.var(0, ddof=1)
     noise_var = noise.mean(0)
     return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": by_component.mean(0),
-            "ratio": noise_var / signal, "gram_noise": float(gram_noise.mean())}
+            "ratio": noise_var / signal, "gram_noise": float(gram_noise.mean()),
+            "regression_noise_var": reg_noise.mean(0), "regression_ratio": reg_noise.mean(0) / signal}
 
 
 def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
@@ -179,6 +198,8 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
         r = subset_noise(prep.system, prep.ae, prep.pool, k, idx)
         report["runs"][spec] = {
             "k": k, "ratio_median": float(np.median(r["ratio"])), "ratio_max": float(np.max(r["ratio"])),
+            "regression_ratio_median": float(np.median(r["regression_ratio"])),
+            "regression_ratio_max": float(np.max(r["regression_ratio"])),
             "component_ratio_median": [float(np.median(v / r["signal_var"])) for v in r["noise_var_by_component"]],
             **{key: np.asarray(v).tolist() for key, v in r.items()}}
     os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)

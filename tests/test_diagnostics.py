@@ -1,6 +1,7 @@
 """Diagnostics: condition numbers against SVDs and a known answer, monitored
 curves equal to independent evaluations, the lambda_cond sweep resumes."""
 
+import dataclasses
 import json
 import os
 
@@ -184,6 +185,12 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     np.testing.assert_allclose(r["signal_var"], jf.var(0, ddof=1), rtol=1e-8)
     np.testing.assert_allclose(r["ratio"], r["noise_var"] / r["signal_var"])
     assert r["noise_var_by_component"].shape == (system.dofs_per_site, 4)
+    # the regression estimate only carries the noise of the part of f that J does not explain
+    assert np.all(r["regression_noise_var"] > 0)
+    explained = dataclasses.replace(system, force_fn=lambda x: jnp.ones(4, jnp.float64) @ jax.jacrev(ae.encode)(x))
+    e = diagnostics.subset_noise(explained, ae, xs, k, np.arange(3), n_draws=50)
+    assert np.all(e["noise_var"] > 1e-6 * e["signal_var"])  # the unbiased estimate is still noisy
+    np.testing.assert_array_less(e["regression_noise_var"], 1e-12 * e["signal_var"])  # f = J^T a: exact
     with pytest.raises(ConfigError, match="k=100"):
         diagnostics.subset_noise(system, ae, xs, system.n_sites, np.arange(3))
     with pytest.raises(ConfigError, match="n_configs=1"):
