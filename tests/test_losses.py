@@ -92,15 +92,23 @@ def test_lx_identity_projection_plus_metric(setup):
     np.testing.assert_allclose(float(ours), np.sum((f64 - pinv @ np.asarray(g, np.float32)) ** 2), rtol=1e-4)
 
 
-def test_lxp_with_every_site_equals_lx(setup):
+@pytest.mark.parametrize("full, partial, keys", [
+    ("x", "xp", {"z", "chol", "jfi", "ff", "gram_i", "rate", "rate2"}),
+    ("z", "zp", {"z", "rate", "rate2", "rate_regression"}),  # L_z,p keeps no Cholesky factor or sampled Gram
+    ("z", "zp:regression", {"z", "rate", "rate2", "rate_regression"}),
+])
+def test_partial_loss_with_every_site_equals_its_full_loss(setup, full, partial, keys):
+    """Labelled at every site, L_x,p is L_x and L_z,p (either label) is L_z."""
     system, ae, xs, fs = setup
     field = _field(jr.PRNGKey(4))
     every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
-    sx = data.precompute(ae, "linear_first_layer", system, "x", xs[:4], fs[:4])
-    sp = data.precompute(ae, "linear_first_layer", system, "xp", xs[:4], fs[:4], every)
-    lx = jax.vmap(lambda s: losses.loss_x(field, s))(sx)
-    lxp = jax.vmap(lambda s: losses.loss_xp(field, s, 1.0))(sp)
-    np.testing.assert_allclose(np.asarray(lxp), np.asarray(lx), rtol=1e-4)
+    loss, _, option = partial.partition(":")
+    sf = data.precompute(ae, "linear_first_layer", system, full, xs[:4], fs[:4])
+    sp = data.precompute(ae, "linear_first_layer", system, loss, xs[:4], fs[:4], every)
+    assert set(sp) == keys
+    lf = jax.vmap(lambda s: losses.per_sample_loss(full)(field, s))(sf)
+    lp = jax.vmap(lambda s: losses.per_sample_loss(loss, 1.0, regression=option == "regression")(field, s))(sp)
+    np.testing.assert_allclose(np.asarray(lp), np.asarray(lf), rtol=1e-4)
 
 
 def test_lxp_from_products_equals_direct_residual(setup):
@@ -215,19 +223,6 @@ def test_normalised_lz_weights_each_component_by_its_rate_std():
         parse_run("z:whitened")
     with pytest.raises(ConfigError, match="'x' takes no options"):
         parse_run("x:normalised")
-
-
-def test_lzp_with_every_site_equals_lz(setup):
-    """L_z,p labelled at every site is L_z: the estimate of J f is J f itself."""
-    system, ae, xs, fs = setup
-    field = _field(jr.PRNGKey(11))
-    every = jnp.broadcast_to(jnp.arange(system.n_sites, dtype=jnp.int32), (4, system.n_sites))
-    sz = data.precompute(ae, "linear_first_layer", system, "z", xs[:4], fs[:4])
-    sp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:4], fs[:4], every)
-    assert set(sp) == {"z", "rate", "rate2", "rate_regression"}  # no Cholesky factor or sampled Gram is kept
-    lz = jax.vmap(lambda s: losses.loss_z(field, s))(sz)
-    lzp = jax.vmap(lambda s: losses.loss_zp(field, s))(sp)
-    np.testing.assert_allclose(np.asarray(lzp), np.asarray(lz), rtol=1e-4)
 
 
 def test_lzp_differences_are_unbiased_for_lz(setup):
