@@ -137,7 +137,8 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
     ``G (J_I J_I^T)^{-1} J_I f_I`` (``partial_sample``'s ``rate_regression``,
     the per-configuration minimiser of ``L_x,p``; no closed form) over
     ``n_draws`` uniform subsets per configuration, averaged over them, and
-    ``regression_ratio`` its ratio to ``signal_var``.
+    ``regression_ratio`` its ratio to ``signal_var`` (NaN when the k sites'
+    coordinates are fewer than d: ``J_I J_I^T`` is then singular).
     J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
     """
     n, dps = system.n_sites, system.dofs_per_site
