@@ -98,15 +98,30 @@ def _sample_fn(ae, method: str, system: MicroSystem, loss: str, proposal=None):
             return {"z": geo.z, "jf": jf, "chol": chol, "pf2": pf2}
 
         return one
-    # L_z,p keeps its two labels and the rate moments (no Cholesky factor, no sampled Gram);
-    # L_x,p keeps what its expanded residual reads.
-    keep = ZP_KEYS if loss == "zp" else XP_KEYS
-    return lambda x, f_sub, s: {key: v for key, v in partial_sample(geometry, system, x, f_sub, s, proposal).items()
-                                if key in keep}
+    return lambda x, f_sub, s: partial_inputs(loss, partial_sample(geometry, system, x, f_sub, s, proposal))
 
 
-XP_KEYS = ("z", "chol", "jfi", "ff", "gram_i", "rate", "rate2")
-ZP_KEYS = ("z", "rate", "rate2", "rate_regression")
+def partial_inputs(loss: str, sample: dict) -> dict:
+    """What a partial loss reads of one configuration's ``partial_sample``:
+    ``xp`` all of it; ``zp`` ``z``, the rate moments and its two labels
+    (``rate`` and ``rate_regression``), no Cholesky factor or sampled Gram."""
+    if loss != "zp":
+        return sample
+    gram = sample["chol"] @ sample["chol"].T
+    return {"z": sample["z"], "rate": sample["rate"], "rate2": sample["rate2"],
+            "rate_regression": regression_rate(gram, sample["gram_i"], sample["jfi"])}
+
+
+def regression_rate(gram, gram_i, jfi):
+    """``G (J_I J_I^T)^{-1} J_I f_I`` (float64), the regression (ratio) estimate
+    of ``J f`` from k sites: the rate whose ``J^+`` rows fit ``f_I`` best, i.e.
+    the per-configuration minimiser of ``L_x,p``. Writing ``f = J^+ J f + P f``
+    it is ``J f + G (J_I J_I^T)^{-1} J_I (P f)_I``: only the part of f that J
+    does not explain is noise, where the unbiased ``rate`` carries the noise of
+    all of f. Not unbiased (a ratio estimator, bias O(1/k)); NaN where
+    ``J_I J_I^T`` is singular (fewer than d sampled dofs). Importance weights
+    cancel: pass the weighted ``gram_i`` and ``jfi`` alike."""
+    return gram.astype(jnp.float64) @ jacobian.solve_gram(jacobian.cholesky(gram_i), jfi)
 
 
 def _no_sites(n: int):
@@ -198,14 +213,6 @@ def partial_sample(geometry, system: MicroSystem, x, f_sub, sites, proposal=None
     residual is also never small next to |f_I|^2 (f_I carries the fast
     forces the closure does not explain).
 
-    ``rate_regression = G (J_I J_I^T)^{-1} J_I f_I`` is the regression (ratio)
-    estimate of ``J f``: the rate whose ``J^+`` rows fit ``f_I`` best, i.e. the
-    per-configuration minimiser of ``L_x,p``. Writing ``f = J^+ J f + P f`` it
-    is ``J f + G (J_I J_I^T)^{-1} J_I (P f)_I``: only the part of f that J does
-    not explain is noise, where ``rate`` carries the noise of all of f. Not
-    unbiased (a ratio estimator, bias O(1/k)); NaN where ``J_I J_I^T`` is
-    singular (fewer than d sampled dofs).
-
     ``rate``/``rate2`` are unbiased estimates of ``J f`` and ``(J f)^2``: with
     ``c_s`` the contribution of site s to ``J f``, ``T = (n_sites / k) sum_s c_s``
     and ``T^2 - n_sites^2 (1 - k / n_sites) s_c^2 / k`` (``s_c^2`` the sample
@@ -230,25 +237,23 @@ def partial_sample(geometry, system: MicroSystem, x, f_sub, sites, proposal=None
         jfi = c.sum(-1)
         rate = (n / k) * jfi
         spread = jnp.var(c, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
-        sample |= {"jfi": jfi, "ff": jnp.sum(f**2), "gram_i": cols @ cols.T, "rate": rate,
-                   "rate2": rate**2 - n**2 * (1.0 - k / n) * spread / k}
-    else:
-        w = 1.0 / (n * proposal(x).astype(jnp.float64)[sites])  # (k,)
-        w_dofs = jnp.repeat(w, system.dofs_per_site)
-        per_draw = n * c * w  # (d, k): unbiased estimates of J f, one per draw
-        rate = per_draw.mean(-1)
-        spread = jnp.var(per_draw, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
-        sample |= {"jfi": c @ w, "ff": jnp.sum(w_dofs * f**2), "gram_i": (cols * w_dofs) @ cols.T,
-                   "rate": rate, "rate2": rate**2 - spread / k}
-    gram = geo.gram.astype(jnp.float64)
-    return sample | {"rate_regression": gram @ jacobian.solve_gram(jacobian.cholesky(sample["gram_i"]), sample["jfi"])}
+        return sample | {"jfi": jfi, "ff": jnp.sum(f**2), "gram_i": cols @ cols.T, "rate": rate,
+                         "rate2": rate**2 - n**2 * (1.0 - k / n) * spread / k}
+    w = 1.0 / (n * proposal(x).astype(jnp.float64)[sites])  # (k,)
+    w_dofs = jnp.repeat(w, system.dofs_per_site)
+    per_draw = n * c * w  # (d, k): unbiased estimates of J f, one per draw
+    rate = per_draw.mean(-1)
+    spread = jnp.var(per_draw, -1, ddof=1) if k > 1 else jnp.zeros_like(rate)
+    return sample | {"jfi": c @ w, "ff": jnp.sum(w_dofs * f**2), "gram_i": (cols * w_dofs) @ cols.T,
+                     "rate": rate, "rate2": rate**2 - spread / k}
 
 
-def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, proposal=None):
+def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, proposal=None, loss: str = "xp"):
     """``batch_fn(xs, key)`` for the online mode: inside the jitted step, draw k
     sites per configuration (uniformly, or i.i.d. from ``proposal``: see
     ``partial_sample``), evaluate their forces with the subset calculator and
-    build the ``L_x,p`` inputs. The encoder is frozen (a constant here)."""
+    build the inputs of ``loss`` (``xp`` or ``zp``: ``partial_inputs``). The
+    encoder is frozen (a constant here)."""
 
     def batch_fn(xs, key):
         geometry = jacobian.make_geometry_fn(ae, method)
@@ -258,7 +263,8 @@ def make_online_batch_fn(system: MicroSystem, ae, method: str, k: int, proposal=
                 sites = sample_sites(site_key, system.n_sites, k)
             else:
                 sites = sample_sites_weighted(site_key, proposal(x), k)
-            return partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites, proposal)
+            return partial_inputs(loss, partial_sample(geometry, system, x, system.subset_force_fn(x, sites), sites,
+                                                       proposal))
 
         return jax.vmap(one)(xs, jr.split(key, xs.shape[0]))
 

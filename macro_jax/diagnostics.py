@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from macro_jax import checkpoint, jacobian, losses, plotting, train
+from macro_jax import checkpoint, data, jacobian, losses, plotting, train
 from macro_jax import eval as evaluation
 from macro_jax import pool as pool_lib
 from macro_jax.config import ConfigError, parse_run
@@ -134,7 +134,7 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
     k-site estimate ``G_I = (n / k) J_I J_I^T`` of the Gram ``G = J J^T`` (the
     metric L_x,p solves with), averaged over the configurations.
     ``regression_noise_var`` (d,): the variance of the regression estimate
-    ``G (J_I J_I^T)^{-1} J_I f_I`` (``partial_sample``'s ``rate_regression``,
+    ``G (J_I J_I^T)^{-1} J_I f_I`` (``data.regression_rate``,
     the per-configuration minimiser of ``L_x,p``; no closed form) over
     ``n_draws`` uniform subsets per configuration, averaged over them, and
     ``regression_ratio`` its ratio to ``signal_var`` (NaN when the k sites'
@@ -163,7 +163,7 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
         def regression(draw_key):
             sites = sample_sites(draw_key, n, k)
             ci = cols[:, sites].reshape(cols.shape[0], -1)
-            return per_site_gram.sum(0) @ jnp.linalg.solve(ci @ ci.T, c[:, sites].sum((1, 2)))
+            return data.regression_rate(per_site_gram.sum(0), ci @ ci.T, c[:, sites].sum((1, 2)))
 
         reg = jax.vmap(regression)(jr.split(key, n_draws))
         return (c.sum((1, 2)), fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,

@@ -430,7 +430,7 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
             # sites and computes their forces inside the jitted step.
             xs = pool_lib.take(prep.pool, indices)
             samples, per_member = xs, False
-            batch_fn = data.make_online_batch_fn(system, ae, method, k, proposal)
+            batch_fn = data.make_online_batch_fn(system, ae, method, k, proposal, loss)
             n_forces += cfg.epochs * n * k
             force_seconds += cfg.epochs * _online_force_seconds(system, xs, k, cfg.batch_size, n)
         elif cfg.shared_subsets:

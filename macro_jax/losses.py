@@ -25,7 +25,7 @@ forces of ``L_x,p`` without ``L_x``'s metric ``G^{-1}`` and without the
 sampled Gram ``J_I J_I^T`` (``L_x,p``'s quadratic term, whose exact
 expectation ``g^T G^{-1} g`` it never needs): a cheaper step, the L_z metric.
 ``"zp:<p>:regression"`` fits the regression estimate ``G (J_I J_I^T)^{-1}
-J_I f_I`` instead (``data.partial_sample``; L_x,p's per-configuration
+J_I f_I`` instead (``data.regression_rate``; L_x,p's per-configuration
 minimiser, far less noisy, slightly biased).
 """
 
@@ -114,7 +114,7 @@ def loss_xp(field, s, weight):
 def loss_zp(field, s, label: str = "rate"):
     """``|h - g(z)|^2`` with ``h = s[label]``: ``rate``, the unbiased k-site
     estimate of ``J f``, or ``rate_regression``, the regression estimate
-    (``data.partial_sample``); sample keys: z and the label."""
+    (``data.partial_inputs``); sample keys: z and the label."""
     g = field(0.0, s["z"])
     return jnp.sum((s[label].astype(g.dtype) - g) ** 2)
 

@@ -84,16 +84,18 @@ def test_importance_estimates_are_exactly_unbiased(setup):
     np.testing.assert_allclose(e_rate2, jf**2, rtol=1e-6, atol=1e-6 * (jf**2).max())
 
 
-def test_online_importance_batch_equals_offline_precompute(setup):
+@pytest.mark.parametrize("loss", ["xp", "zp"])
+def test_online_importance_batch_equals_offline_precompute(setup, loss):
     """The online step's draw and inputs equal drawing with the same keys and precomputing."""
     system, ae, x, _, _ = setup
     xs = jnp.stack([x, -x, 0.5 * x])
     key, k = jr.PRNGKey(3), 5
-    online = data.make_online_batch_fn(system, ae, METHOD, k, system.site_proposal_fn)(xs, key)
+    online = data.make_online_batch_fn(system, ae, METHOD, k, system.site_proposal_fn, loss)(xs, key)
     sites = jnp.stack([sample_sites_weighted(kk, system.site_proposal_fn(xi), k)
                        for kk, xi in zip(jr.split(key, 3), xs)])
-    offline = data.precompute(ae, METHOD, system, "xp", xs, jax.vmap(system.subset_force_fn)(xs, sites), sites,
+    offline = data.precompute(ae, METHOD, system, loss, xs, jax.vmap(system.subset_force_fn)(xs, sites), sites,
                               proposal=system.site_proposal_fn)
+    assert set(online) == set(offline)
     for name in offline:
         np.testing.assert_allclose(online[name], offline[name], rtol=1e-6, err_msg=name)
 
