@@ -112,6 +112,11 @@ def get_config() -> ml_collections.ConfigDict:
     # one draw labels every member, which then differ only in initialisation
     # and shuffling (the reference's LJ ensembles; labels and memory paid once).
     c.train.shared_subsets = False
+    # With shared_subsets: the seed whose label key draws the one subset (None:
+    # the first of train.seeds). experiments/structures.py sets it when it
+    # trains an ensemble in member groups (structures.group_size), so that
+    # every group labels with the whole ensemble's draw.
+    c.train.subset_seed = config_dict.placeholder(int)
     # Which pool configurations a run labels: "first" (the first n in
     # trajectory-major order, as the reference's Predator-Prey and LJ) or
     # "random" (n drawn without replacement over the whole pool, as the
@@ -194,4 +199,13 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- structures (experiments/structures.py)
     c.structures = ml_collections.ConfigDict()
     c.structures.models = ()  # latent models (model.name values) compared on train.runs
+    # 0: each ensemble (train.seeds) trains as one run. g > 0: ensembles not
+    # finished as one run train in groups of g consecutive seeds, each its own
+    # resumable run (runs/<model>_seeds<a>-<b>_<run>), sharing the whole
+    # ensemble's subsets (train.subset_seed); processes on one workdir split
+    # the groups, results exported with --out resume elsewhere (--resume_from),
+    # and the groups are reported as one ensemble. Members are independent (one
+    # vmap, per-member optimiser state), so a group's members equal the whole
+    # run's up to floating-point reduction order.
+    c.structures.group_size = 0
     return c

@@ -180,6 +180,9 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
     for name in config.structures.models:
         _require(name in LATENT_MODELS, "structures.models", config.structures.models,
                  f"every entry must be one of {list(LATENT_MODELS)}")
+    group_size = config.structures.get("group_size", 0)
+    _require(isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 0,
+             "structures.group_size", group_size, "must be an integer >= 0 (0 = one run per ensemble)")
     _require(m.onsagernet.variant in ("separate", "shared"), "model.onsagernet.variant", m.onsagernet.variant,
              "must be 'separate' or 'shared'")
 
@@ -193,6 +196,11 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
                      f"'online' needs every train.runs entry to be 'xp:<p>' or 'zp:<p>' (got {spec!r})")
     _require(len(t.seeds) >= 1 and len(set(t.seeds)) == len(t.seeds), "train.seeds", t.seeds,
              "must be a non-empty tuple of distinct integers")
+    subset_seed = t.get("subset_seed", None)
+    _require(subset_seed is None or (isinstance(subset_seed, int) and not isinstance(subset_seed, bool)),
+             "train.subset_seed", subset_seed, "must be None (the first of train.seeds) or an integer seed")
+    _require(subset_seed is None or t.shared_subsets, "train.subset_seed", subset_seed,
+             "only shared subsets have one draw: set train.shared_subsets=True or leave subset_seed None")
     _require(t.budget >= 1, "train.budget", t.budget, "must be a positive number of site forces")
     for loss in LOSSES:
         s = run_settings(config, loss)

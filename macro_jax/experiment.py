@@ -409,8 +409,8 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
         stats = _broadcast((prep.z_mean, prep.z_std, rate_mean, rate_std), n_members)
         n_forces, force_seconds = account.n_forces, account.seconds
     else:
-        # shared_subsets: one draw (the first member's key) labels every member
-        draws = label_keys[:1] if cfg.shared_subsets else label_keys
+        # shared_subsets: one draw (the first member's key, or train.subset_seed's) labels every member
+        draws = _subset_keys(cfg, label_keys) if cfg.shared_subsets else label_keys
         member_samples, member_stats, accounts = [], [], []
         for key in draws:
             if proposal is not None:
@@ -438,6 +438,13 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
         else:
             samples, per_member = _stack(member_samples), True
     return samples, per_member, stats, n_forces, force_seconds, batch_fn
+
+
+def _subset_keys(cfg, label_keys):
+    """The one label key of shared subsets: ``train.subset_seed``'s (as ``_members``
+    derives it), else the first member's."""
+    seed = cfg.get("subset_seed", None)
+    return label_keys[:1] if seed is None else jr.split(jr.PRNGKey(seed), 3)[1][None]
 
 
 def check_regression_labels(samples, spec: str, n_dofs: int) -> None:
@@ -702,7 +709,7 @@ def _autoencoder_settings(fields: dict) -> dict:
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
 _LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
                    "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False,
-                             "select_every": 0, "select_fraction": 0.1}}
+                             "subset_seed": None, "select_every": 0, "select_fraction": 0.1}}
 
 
 def _without_later_defaults(section: str, fields: dict) -> dict:
@@ -767,16 +774,24 @@ def data_sha256(workdir: str) -> dict[str, str]:
 
 
 def check_autoencoder(result: dict, workdir: str, where: str) -> None:
-    """Refuses a result trained on another autoencoder than ``workdir``'s (results
-    carry the file's SHA-256; one copied from another workdir or session is
-    reused only where the same config and seed rebuilt the same file). Results
-    saved before the field existed, or a workdir without a trained autoencoder
-    yet, pass (``sweep.run_sweep`` checks again once it exists)."""
+    """Refuses a result trained on another autoencoder or other data files than
+    ``workdir``'s (results carry the files' SHA-256; one copied from another
+    workdir or session is reused only where the same config and seed rebuilt
+    the same files). Results saved before the fields existed, or a workdir
+    without a trained autoencoder yet, pass (``sweep.run_sweep`` checks again
+    once it exists)."""
     saved, here = result.get("autoencoder_sha256"), autoencoder_sha256(workdir)
     if saved and here and saved != here:
         raise RuntimeError(f"{where} was trained on another autoencoder (sha256 {saved[:12]}...) than "
                            f"{workdir}/autoencoder/model.eqx ({here[:12]}...); results of different "
                            "encoders are never mixed: use the workdir it came from or retrain it")
+    # the same for the data files, where both sides know theirs
+    saved_data, here_data = result.get("data_sha256") or {}, data_sha256(workdir)
+    for split in sorted(set(saved_data) & set(here_data)):
+        if saved_data[split] != here_data[split]:
+            raise RuntimeError(f"{where} was trained on other {split} data (sha256 {saved_data[split][:12]}...) "
+                               f"than {workdir}/data ({here_data[split][:12]}...); results of different data "
+                               "are never mixed: use the workdir it came from or retrain it")
 
 
 def cached_run(config, spec: str, budget: int, workdir: str, get_prep, tag: str = "") -> dict:

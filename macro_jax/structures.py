@@ -3,16 +3,25 @@
 For every model of ``config.structures.models`` and every loss of
 ``config.train.runs``: one ensemble (a member per seed) at
 ``config.train.budget``, all on the same data and autoencoder. Runs are
-resumable (``experiment.cached_run``), in ``runs/<model>_<run>``.
+resumable (``experiment.cached_run``), in ``runs/<model>_<run>``; with
+``structures.group_size = g > 0`` an ensemble not finished as one run trains
+in groups of ``g`` seeds (``runs/<model>_seeds<a>-<b>_<run>``), which
+processes sharing the workdir claim one at a time, and is reported as one
+ensemble once its groups are merged (``merge_groups``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import time
 
 import numpy as np
+from absl import logging
 
 from macro_jax import experiment, plotting
+from macro_jax import pool as pool_lib
 from macro_jax.config import run_option
 
 # Per-member test errors of the authors' LJ-800 ensembles (structures.txt),
@@ -41,16 +50,121 @@ def model_config(config, model: str):
     return c
 
 
-def run_structures(config, workdir: str) -> list[dict]:
+def seed_groups(seeds, size: int) -> list[tuple[int, ...]]:
+    """``seeds`` in consecutive groups of ``size`` (the last may be shorter); one group if ``size`` is 0."""
+    seeds = tuple(seeds)
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)] if size else [seeds]
+
+
+def group_tag(model: str, seeds) -> str:
+    """The run-name tag of a member group: ``onsagernet_seeds3-4``."""
+    return f"{model}_seeds{seeds[0]}-{seeds[-1]}"
+
+
+def group_config(config, model: str, seeds):
+    """``config`` for ``model`` with only ``seeds`` as members; shared subsets keep
+    the whole ensemble's draw (``train.subset_seed``: its first seed's)."""
+    c = model_config(config, model)
+    c.train.seeds = tuple(seeds)
+    if c.train.shared_subsets and c.train.get("subset_seed", None) is None:
+        c.train.subset_seed = int(config.train.seeds[0])
+    return c
+
+
+def _groups(config, model: str, spec: str, workdir: str, get_prep, train: bool) -> list[tuple[str, dict]]:
+    """(run name, result) of every finished group of one ensemble, in seed order,
+    training the missing ones if ``train``: each is claimed first
+    (``pool.claim`` on its run directory), so processes sharing ``workdir``
+    split the groups; groups others hold are waited for."""
+    budget = config.train.budget
+    groups = [(group_config(config, model, g), group_tag(model, g))
+              for g in seed_groups(config.train.seeds, config.structures.group_size)]
+    found: dict[int, tuple[str, dict]] = {}
+    while True:
+        held = []
+        for i, (c, tag) in enumerate(groups):
+            if i in found:
+                continue
+            name = experiment.config_run_name(c, spec, budget, tag)
+            result = experiment.finished_run(c, spec, budget, workdir, tag)
+            if result is None and train:
+                path = os.path.join(workdir, "runs", name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                if not pool_lib.claim(path):
+                    held.append(name)
+                    continue
+                try:
+                    result = experiment.public(experiment.run_loss(get_prep(), c, spec, budget, workdir, tag))
+                finally:
+                    pool_lib.release(path)
+            if result is not None:
+                found[i] = (name, result)
+        if not held:
+            return [found[i] for i in sorted(found)]
+        logging.info("waiting for member groups %s (other processes)", held)
+        time.sleep(experiment.POLL_SECONDS)
+
+
+def merge_groups(parts: list[dict], n_planned: int) -> dict:
+    """One ensemble's result from its member groups' (in seed order): members
+    concatenated, mean and std over all of them, ``n_members_planned`` the
+    ensemble's size (more than the members while groups are missing) and
+    ``groups`` (each group's seeds, seconds and files). Groups trained on
+    different autoencoder or data files are never merged (an error)."""
+    for key in ("autoencoder_sha256", "data_sha256"):
+        if len({json.dumps(p.get(key), sort_keys=True) for p in parts}) > 1:
+            raise RuntimeError(f"member groups {[p['seeds'] for p in parts]} were trained on different {key} "
+                               f"({[p.get(key) for p in parts]}); they are never merged into one ensemble")
+    cat = lambda field: [v for p in parts for v in (p.get(field) or [])]
+    errors = np.asarray(cat("test_errors"), np.float64)
+    merged = dict(parts[0])
+    merged.update(
+        seeds=cat("seeds"), test_errors=errors.tolist(), test_error_mean=float(np.mean(errors)),
+        test_error_std=float(np.std(errors)), n_failed_rollouts=int(sum(p["n_failed_rollouts"] for p in parts)),
+        final_train_loss=cat("final_train_loss"),
+        select_best_epoch=cat("select_best_epoch") if parts[0].get("select_best_epoch") is not None else None,
+        # the paper's Fig. 4 metric is against each run's own last member: not defined across groups
+        last_member_errors=None if len(parts) > 1 else parts[0].get("last_member_errors"),
+        train_seconds=float(sum(p["train_seconds"] for p in parts)),
+        n_members_planned=int(n_planned),
+        groups=[{"seeds": p["seeds"], "train_seconds": p["train_seconds"], "subset_seed":
+                 p["settings"]["train"].get("subset_seed")} for p in parts],
+    )
+    return merged
+
+
+def _ensemble(config, model: str, spec: str, workdir: str, get_prep, train: bool) -> tuple[dict, list] | None:
+    """(result, [(run name, run result)]) of one ensemble: its whole run if that
+    finished (or trains, without ``structures.group_size``), else its merged
+    groups; None if nothing finished and ``train`` is False."""
+    budget, whole = config.train.budget, model_config(config, model)
+    name = experiment.config_run_name(whole, spec, budget, model)
+    result = experiment.finished_run(whole, spec, budget, workdir, model)
+    if result is None and train and not config.structures.group_size:
+        result = experiment.cached_run(whole, spec, budget, workdir, get_prep, model)
+    if result is not None or not config.structures.group_size:
+        return None if result is None else (result, [(name, result)])
+    runs = _groups(config, model, spec, workdir, get_prep, train)
+    if not runs:
+        return None
+    return merge_groups([r for _, r in runs], len(config.train.seeds)), runs
+
+
+def run_structures(config, workdir: str, train: bool = True) -> list[dict]:
     """Every (model, loss) result, each with ``model`` and ``initial`` (the MD
-    runs' start, ``system.params.initial``) fields."""
+    runs' start, ``system.params.initial``) fields and ``_runs`` (the run
+    names and results it is made of, what ``--out`` exports). With ``train``
+    False nothing trains: finished runs and groups only (an ensemble with
+    groups missing is reported with fewer members)."""
     get_prep = experiment.memo_prepare(config, workdir)
     results = []
     for model in config.structures.models:
         for spec in config.train.runs:
-            result = experiment.cached_run(model_config(config, model), spec, config.train.budget, workdir,
-                                           get_prep, tag=model)
-            results.append(dict(result, model=model, initial=config.system.params.get("initial", "fire")))
+            found = _ensemble(config, model, spec, workdir, get_prep, train)
+            if found is not None:
+                result, runs = found
+                results.append(dict(result, model=model, initial=config.system.params.get("initial", "fire"),
+                                    _runs=runs))
     return results
 
 
@@ -60,7 +174,8 @@ def rows(results: list[dict]) -> list[dict]:
         {"model": r["model"], "loss": r["loss"], "run": r["run"], "label": experiment.run_label(r), "p": r["p"],
          "member": i, "seed": seed, "test_error": err,
          "budget": r["budget"], "n_configs": r["n_configs"], "n_force_computations": r["n_force_computations"],
-         "epochs": r["settings"]["train"]["epochs"], "initial": r.get("initial", "fire")}
+         "epochs": r["settings"]["train"]["epochs"], "initial": r.get("initial", "fire"),
+         "ensemble_size": r.get("n_members_planned", len(r["seeds"]))}
         for r in results for i, (seed, err) in enumerate(zip(r["seeds"], r["test_errors"]))
     ]
 
@@ -73,6 +188,12 @@ def _reference(r: dict):
     return REFERENCE.get(r["model"], {}).get(r["loss"])
 
 
+def _members_text(r: dict) -> str:
+    """``10``, or ``4 of 10`` for an ensemble whose member groups are not all finished."""
+    n, planned = len(r["test_errors"]), r.get("n_members_planned", len(r["test_errors"]))
+    return f"{n}" if n == planned else f"{n} of {planned}"
+
+
 def table(results: list[dict]) -> str:
     lines = ["| latent model | loss | configurations x atoms | ours: mean ± std (members) | reference: mean ± std "
              "| ours / reference |", "|---|---|---|---|---|---|"]
@@ -83,7 +204,7 @@ def table(results: list[dict]) -> str:
         ratio = f"{r['test_error_mean'] / np.mean(ref):.2f}" if ref else "–"
         lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {label} | {r['n_configs']:,} x "
                      f"{r['sites_per_config']} | {r['test_error_mean']:.2e} ± {r['test_error_std']:.1e} "
-                     f"({len(r['test_errors'])}) | {ref_text} | {ratio} |")
+                     f"({_members_text(r)}) | {ref_text} | {ratio} |")
     return "\n".join(lines)
 
 

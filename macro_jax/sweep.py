@@ -71,13 +71,15 @@ def _with_last_member_errors(result: dict, workdir: str) -> dict:
     return dict(result, last_member_errors=np.asarray(evaluation.last_member_errors(pred_obs), np.float64).tolist())
 
 
-def export_runs(results: list[dict], directory: str) -> None:
+def export_runs(results: list[dict], directory: str, names: list[str] | None = None) -> None:
     """Writes each run's result (``result.json``, settings and autoencoder checksum
-    included) to ``directory/<run name>.json``: small files to commit beside the
-    sweep's rows, from which ``import_runs`` resumes the sweep in a fresh workdir."""
+    included) to ``directory/<run name>.json`` (``names``: the runs' directory
+    names under ``workdir/runs``, default a sweep's ``result_run_name``): small
+    files to commit beside the rows, from which ``import_runs`` resumes in a
+    fresh workdir."""
     os.makedirs(directory, exist_ok=True)
-    for r in results:
-        experiment.write_json(os.path.join(directory, experiment.result_run_name(r) + ".json"), r)
+    for r, name in zip(results, names or [experiment.result_run_name(r) for r in results], strict=True):
+        experiment.write_json(os.path.join(directory, name + ".json"), experiment.public(r))
 
 
 def import_runs(directory: str, workdir: str) -> list[str]:

@@ -34,6 +34,8 @@ from macro_jax.models import OnsagerNet
         ("data.pool_integrator", "leapfrog", "data.pool_integrator"),
         ("model.onsagernet.variant", "C", "model.onsagernet.variant"),
         ("structures.models", ("mlp", "gpt"), "structures.models"),
+        ("structures.group_size", -1, "structures.group_size=-1 is invalid: must be an integer >= 0"),
+        ("train.subset_seed", 3, "train.subset_seed=3 is invalid: only shared subsets have one draw"),
         ("data.block_trajectories", -1, "data.block_trajectories=-1 is invalid"),
         ("data.pool_keep_above", float("nan"), "data.pool_keep_above"),
         ("train.draw_configs", "last", "train.draw_configs='last' is invalid: must be 'first' or 'random'"),

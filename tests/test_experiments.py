@@ -402,6 +402,41 @@ def test_lj_structures_smoke(tmp_path):
     assert [r["test_errors"] for r in again] == [r["test_errors"] for r in results]
 
 
+def test_structures_member_groups_equal_the_whole_ensemble(tmp_path):
+    """An ensemble trained in groups of one seed (structures.group_size) draws the
+    whole ensemble's shared subsets and gives its members' errors; a partly
+    finished ensemble is reported with fewer members, and groups of different
+    data are never merged."""
+    from configs import lj800
+    from macro_jax import structures
+
+    config = lj800.get_config("smoke")
+    config.structures.models = ("mlp",)
+    config.train.runs = ("xp:1/10",)
+    workdir = str(tmp_path)
+    config.structures.group_size = 1
+    (grouped,) = structures.run_structures(config, workdir)
+    assert grouped["seeds"] == [1, 2] and [g["seeds"] for g in grouped["groups"]] == [[1], [2]]
+    assert [g["subset_seed"] for g in grouped["groups"]] == [1, 1]  # the whole ensemble's draw
+    assert [name for name, _ in grouped["_runs"]] == ["mlp_seeds1-1_xp_p0.1_budget2000", "mlp_seeds2-2_xp_p0.1_budget2000"]
+    # a third seed: its group has not run, so only the two finished groups are reported
+    config.train.seeds = (1, 2, 3)
+    (partial,) = structures.run_structures(config, workdir, train=False)
+    assert partial["test_errors"] == grouped["test_errors"] and partial["n_members_planned"] == 3
+    assert "(2 of 3)" in structures.table([partial]) and structures.rows([partial])[0]["ensemble_size"] == 3
+
+    config.structures.group_size, config.train.seeds = 0, (1, 2)
+    (whole,) = structures.run_structures(config, workdir)
+    assert [name for name, _ in whole["_runs"]] == ["mlp_xp_p0.1_budget2000"]
+    assert whole["n_force_computations"] == grouped["n_force_computations"] == config.train.budget
+    np.testing.assert_allclose(grouped["test_errors"], whole["test_errors"], rtol=1e-4)
+    assert whole["test_errors"] != grouped["test_errors"][::-1]
+    other = [r for _, r in grouped["_runs"]]
+    other[1] = dict(other[1], data_sha256={"pool": "0" * 64})
+    with pytest.raises(RuntimeError, match="different data_sha256"):
+        structures.merge_groups(other, 2)
+
+
 def test_lj51200_config_and_smoke_run_with_stage_records(tmp_path):
     """The large-system protocol on 100 atoms: particle runs written in blocks
     (each block from its own minimised configuration), a one-hidden-layer AE,
