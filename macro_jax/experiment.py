@@ -441,10 +441,9 @@ def _labels(prep: Prepared, config, cfg, loss: str, indices, n: int, k: int, lab
 
 
 def _subset_keys(cfg, label_keys):
-    """The one label key of shared subsets: ``train.subset_seed``'s (as ``_members``
-    derives it), else the first member's."""
+    """The one label key of shared subsets: ``train.subset_seed``'s, else the first member's."""
     seed = cfg.get("subset_seed", None)
-    return label_keys[:1] if seed is None else jr.split(jr.PRNGKey(seed), 3)[1][None]
+    return label_keys[:1] if seed is None else _seed_keys(seed)[1][None]
 
 
 def check_regression_labels(samples, spec: str, n_dofs: int) -> None:
@@ -508,9 +507,14 @@ def run_size(system: MicroSystem, spec: str, budget: int, n_pool: int) -> tuple[
     return k, n
 
 
+def _seed_keys(seed: int):
+    """A member's (initialisation, label, shuffle) keys: they depend on its seed only."""
+    return jr.split(jr.PRNGKey(seed), 3)
+
+
 def _members(config, cfg, latent_dim: int):
     """(initial nets with a leading member axis, label keys, shuffle keys), one per seed."""
-    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(jr.split(jr.PRNGKey(s), 3) for s in cfg.seeds)))
+    init_keys, label_keys, shuffle_keys = (jnp.stack(ks) for ks in zip(*(_seed_keys(s) for s in cfg.seeds)))
     nets = eqx.filter_vmap(lambda kk: make_latent_model(config.model, latent_dim, key=kk))(init_keys)
     return nets, label_keys, shuffle_keys
 

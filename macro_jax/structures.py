@@ -3,7 +3,7 @@
 For every model of ``config.structures.models`` and every loss of
 ``config.train.runs``: one ensemble (a member per seed) at
 ``config.train.budget``, all on the same data and autoencoder. Runs are
-resumable (``experiment.cached_run``), in ``runs/<model>_<run>``; with
+resumable (``experiment.finished_run``), in ``runs/<model>_<run>``; with
 ``structures.group_size = g > 0`` an ensemble not finished as one run trains
 in groups of ``g`` seeds (``runs/<model>_seeds<a>-<b>_<run>``), which
 processes sharing the workdir claim one at a time, and is reported as one
@@ -141,10 +141,12 @@ def _ensemble(config, model: str, spec: str, workdir: str, get_prep, train: bool
     budget, whole = config.train.budget, model_config(config, model)
     name = experiment.config_run_name(whole, spec, budget, model)
     result = experiment.finished_run(whole, spec, budget, workdir, model)
-    if result is None and train and not config.structures.group_size:
-        result = experiment.cached_run(whole, spec, budget, workdir, get_prep, model)
-    if result is not None or not config.structures.group_size:
-        return None if result is None else (result, [(name, result)])
+    if result is None and not config.structures.group_size:
+        if not train:
+            return None
+        result = experiment.public(experiment.run_loss(get_prep(), whole, spec, budget, workdir, model))
+    if result is not None:
+        return result, [(name, result)]
     runs = _groups(config, model, spec, workdir, get_prep, train)
     if not runs:
         return None
