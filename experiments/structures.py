@@ -24,8 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the per-member rows; a .png and .md are written beside it, "
                            "and every run's result to <stem>_runs/ (what --resume_from reads).")
-_RESUME = flags.DEFINE_string("resume_from", None, "Folder of run results an earlier --out exported (<stem>_runs/): "
-                              "copied into --workdir first, reused if their settings, autoencoder and data match.")
+_RESUME = flags.DEFINE_list("resume_from", None, "Folders (comma-separated) of run results an earlier --out exported "
+                            "(<stem>_runs/): copied into --workdir first, reused if their settings, autoencoder and data "
+                            "match.")
 _FINISHED_ONLY = flags.DEFINE_bool("finished_only", False, "Train nothing: report the runs and member groups that "
                                    "finished (an ensemble with groups missing shows fewer members).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -35,7 +36,7 @@ def main(argv):
     del argv
     logging.info("config:\n%s", _CONFIG.value)
     if _RESUME.value:
-        logging.info("copied from %s: %s", _RESUME.value, sweep.import_runs(_RESUME.value, _WORKDIR.value))
+        logging.info("copied from %s: %s", ", ".join(_RESUME.value), sweep.import_runs(_RESUME.value, _WORKDIR.value))
     results = structures.run_structures(_CONFIG.value, _WORKDIR.value, train=not _FINISHED_ONLY.value)
     if not results:
         raise SystemExit(f"{_WORKDIR.value}: no finished runs to report (--finished_only)")

@@ -23,8 +23,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run of the sweep.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the per-seed rows; a .png and .md are written beside it, "
                            "and every run's result to <stem>_runs/ (what --resume_from reads).")
-_RESUME = flags.DEFINE_string("resume_from", None, "Folder of run results a sweep's --out exported (<stem>_runs/): "
-                              "copied into --workdir first, reused if their settings and autoencoder match.")
+_RESUME = flags.DEFINE_list("resume_from", None, "Folders (comma-separated) of run results a sweep's --out exported "
+                            "(<stem>_runs/): copied into --workdir first, reused if their settings, autoencoder and data "
+                            "match.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +34,7 @@ def main(argv):
     config = _CONFIG.value
     logging.info("config:\n%s", config)
     if _RESUME.value:
-        logging.info("copied from %s: %s", _RESUME.value, sweep.import_runs(_RESUME.value, _WORKDIR.value))
+        logging.info("copied from %s: %s", ", ".join(_RESUME.value), sweep.import_runs(_RESUME.value, _WORKDIR.value))
     results = sweep.run_sweep(config, _WORKDIR.value)
     experiment.report(results, _OUT.value, lambda rs: sweep.table(rs, config.system.name), sweep.rows,
                       lambda rs, path: sweep.plot(rs, config.system.name, path))

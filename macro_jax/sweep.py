@@ -8,9 +8,11 @@ and a last call over the whole grid only collects.
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import os
 import shutil
+from typing import Sequence
 
 import numpy as np
 
@@ -82,17 +84,26 @@ def export_runs(results: list[dict], directory: str, names: list[str] | None = N
         experiment.write_json(os.path.join(directory, name + ".json"), experiment.public(r))
 
 
-def import_runs(directory: str, workdir: str) -> list[str]:
-    """Copies the results ``export_runs`` wrote into ``workdir/runs/<name>/result.json``
-    where the workdir has none; returns the names copied. ``run_sweep`` then reuses
-    them like its own: only with the same settings and the same autoencoder
-    (``experiment.finished_run``, ``experiment.check_autoencoder``)."""
-    paths = sorted(glob.glob(os.path.join(directory, "*.json")))
-    if not paths:
-        raise FileNotFoundError(f"{directory}: no exported run results (*.json) to resume from")
+def import_runs(directories: str | Sequence[str], workdir: str) -> list[str]:
+    """Copies the results ``export_runs`` wrote to each of ``directories`` (one
+    folder or several, e.g. the exports of two commands that make one table)
+    into ``workdir/runs/<name>/result.json`` where the workdir has none; returns
+    the names copied. ``run_sweep`` then reuses them like its own: only with the
+    same settings and the same autoencoder (``experiment.finished_run``,
+    ``experiment.check_autoencoder``). A run name found in two folders with
+    different contents is refused, not picked silently."""
+    found: dict[str, str] = {}
+    for directory in [directories] if isinstance(directories, str) else directories:
+        paths = sorted(glob.glob(os.path.join(directory, "*.json")))
+        if not paths:
+            raise FileNotFoundError(f"{directory}: no exported run results (*.json) to resume from")
+        for path in paths:
+            name = os.path.splitext(os.path.basename(path))[0]
+            if name in found and not filecmp.cmp(found[name], path, shallow=False):
+                raise ValueError(f"run {name!r} is exported twice with different results: {found[name]} and {path}")
+            found.setdefault(name, path)
     copied = []
-    for path in paths:
-        name = os.path.splitext(os.path.basename(path))[0]
+    for name, path in found.items():
         target = os.path.join(workdir, "runs", name, "result.json")
         if not os.path.exists(target):
             os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -227,6 +227,25 @@ def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoe
         sweep.run_sweep(config, fresh)
 
 
+def test_import_runs_from_several_folders_refuses_a_run_exported_twice_differently(tmp_path):
+    """The exports of two commands that make one table are imported together; a
+    run in both folders is copied once if the files agree, refused if not."""
+    folders = {name: tmp_path / name for name in ("a", "b", "c")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["a"] / "r1.json").write_text('{"test_error_mean": 1.0}')
+    (folders["b"] / "r1.json").write_text('{"test_error_mean": 1.0}')
+    (folders["b"] / "r2.json").write_text('{"test_error_mean": 2.0}')
+    (folders["c"] / "r1.json").write_text('{"test_error_mean": 3.0}')
+    workdir = str(tmp_path / "work")
+    assert sorted(sweep.import_runs([str(folders["a"]), str(folders["b"])], workdir)) == ["r1", "r2"]
+    with open(os.path.join(workdir, "runs", "r2", "result.json")) as f:
+        assert json.load(f) == {"test_error_mean": 2.0}
+    with pytest.raises(ValueError, match="r1.*exported twice with different results"):
+        sweep.import_runs([str(folders["a"]), str(folders["c"])], str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")  # refused before anything is copied
+
+
 def test_relative_error_metric():
     true = jnp.asarray([[[3.0, 4.0], [3.0, 4.0]]])  # |z| = 5 at both times
     pred = true + jnp.asarray([[[0.0, 1.0], [0.0, 0.0]]])
