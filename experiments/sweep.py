@@ -7,7 +7,8 @@ over processes (--config.sweep.runs=...) and collected by a last full call.
 --out also exports every run's result to <stem>_runs/; in a fresh workdir (a
 new machine or session) --resume_from <stem>_runs reuses them, if the same
 config and seed rebuild the same autoencoder (checked by its SHA-256; on one
-machine they do, across machines they need not).
+machine they do, and on other machines of the same kind they did; across
+kinds of machine they need not). Several folders: comma-separated.
 Repeats over data draws on the same data and autoencoder, in the same workdir:
 --config.train.draw_configs=random --config.train.draw_seed=S (one --out per S).
 """
