@@ -93,9 +93,8 @@ def _groups(config, model: str, spec: str, workdir: str, get_prep, train: bool) 
                 if not pool_lib.claim(path):
                     held.append(name)
                     continue
-                try:  # finished by another process between the check and the claim?
-                    result = (experiment.finished_run(c, spec, budget, workdir, tag)
-                              or experiment.public(experiment.run_loss(get_prep(), c, spec, budget, workdir, tag)))
+                try:  # cached_run reads back a group another process finished between the check and the claim
+                    result = experiment.cached_run(c, spec, budget, workdir, get_prep, tag)
                 finally:
                     pool_lib.release(path)
             if result is not None:
