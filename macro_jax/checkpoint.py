@@ -120,11 +120,31 @@ def load_model(path: str, skeleton, expect: dict[str, Any] | None = None):
         raise DataFileError(f"{path}: does not match the model built from the config ({e})") from e
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere).
+    Saved beside every file because XLA generates different code for different CPU
+    types: a model trained from the same data, config and seed is the same file
+    only on the same CPU type (the simulated data is the same on any)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def versions() -> dict[str, str]:
+    """Library versions and the machine (CPU model, the device JAX computes on)
+    that made a file: what to compare when a rebuild differs."""
     import equinox
     import optax
 
     import macro_jax
 
     return {"jax": jax.__version__, "equinox": equinox.__version__, "optax": optax.__version__,
-            "numpy": np.__version__, "macro_jax": macro_jax.__version__}
+            "numpy": np.__version__, "macro_jax": macro_jax.__version__,
+            "cpu": cpu_model(), "device": jax.devices()[0].device_kind}

@@ -222,3 +222,15 @@ def test_lj800_start_and_specs_of_older_data():
     del older["params"]["initial"]
     assert experiment.system_spec(fire) == older
     assert experiment.system_spec(lj800.get_config(""))["params"]["initial"] == "lammps_reference"
+
+
+def test_versions_record_the_machine(tmp_path):
+    """A rebuilt model matches bit for bit on the same CPU type only: every
+    sidecar names the CPU and device that made the file, so a differing
+    rebuild can be traced to the machine."""
+    v = checkpoint.versions()
+    assert v["cpu"] and v["cpu"] != "unknown"
+    assert v["device"]
+    path = str(tmp_path / "a.npz")
+    checkpoint.save_arrays(path, {"x": np.zeros(3)}, {"versions": v})
+    assert checkpoint.load_sidecar(path)["versions"]["cpu"] == v["cpu"]
