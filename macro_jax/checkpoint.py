@@ -121,20 +121,28 @@ def load_model(path: str, skeleton, expect: dict[str, Any] | None = None):
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere).
-    Saved beside every file because XLA generates different code for different CPU
-    types: a model trained from the same data, config and seed is the same file
-    only on the same CPU type (the simulated data is the same on any)."""
+    """The CPU: its model name, family/model/stepping and a short hash of its
+    feature flags (``/proc/cpuinfo``; ``platform.processor()`` elsewhere). Saved
+    beside every file because a model trained from the same data, config and
+    seed has come out as a different file on another machine (the simulated
+    data did not), and virtual machines often report only "AMD EPYC"."""
     import platform
 
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    if "model name" not in fields:
+        return platform.processor() or platform.machine() or "unknown"
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:8]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"stepping {fields.get('stepping', '?')}, flags {flags})")
 
 
 def versions() -> dict[str, str]:

@@ -225,7 +225,7 @@ def test_lj800_start_and_specs_of_older_data():
 
 
 def test_versions_record_the_machine(tmp_path):
-    """A rebuilt model matches bit for bit on the same CPU type only: every
+    """A rebuilt model has come out as another file on another machine: every
     sidecar names the CPU and device that made the file, so a differing
     rebuild can be traced to the machine."""
     v = checkpoint.versions()
