@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 
 import jax
 
+from macro_jax import checkpoint
+
 
 def device_description() -> str:
     d = jax.devices()[0]
     cores = os.cpu_count()
-    kind = d.device_kind if d.platform != "cpu" else (platform.processor() or platform.machine())
+    kind = d.device_kind if d.platform != "cpu" else checkpoint.cpu_description()
     flags = os.environ.get("XLA_FLAGS", "")
     return f"{d.platform}: {kind}, {cores} cores" + (f", XLA_FLAGS='{flags}'" if flags else "")
 

@@ -120,7 +120,7 @@ def load_model(path: str, skeleton, expect: dict[str, Any] | None = None):
         raise DataFileError(f"{path}: does not match the model built from the config ({e})") from e
 
 
-def cpu_model() -> str:
+def cpu_description() -> str:
     """The CPU: its model name, family/model/stepping and a short hash of its
     feature flags (``/proc/cpuinfo``; ``platform.processor()`` elsewhere). Saved
     beside every file because a model trained from the same data, config and
@@ -146,8 +146,8 @@ def cpu_model() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Library versions and the machine (CPU model, the device JAX computes on)
-    that made a file: what to compare when a rebuild differs."""
+    """Library versions and the machine (CPU, the device JAX computes on, the
+    XLA_FLAGS in force) that made a file: what to compare when a rebuild differs."""
     import equinox
     import optax
 
@@ -155,4 +155,5 @@ def versions() -> dict[str, str]:
 
     return {"jax": jax.__version__, "equinox": equinox.__version__, "optax": optax.__version__,
             "numpy": np.__version__, "macro_jax": macro_jax.__version__,
-            "cpu": cpu_model(), "device": jax.devices()[0].device_kind}
+            "cpu": cpu_description(), "device": jax.devices()[0].device_kind,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
