@@ -7,9 +7,10 @@ Resumable: finished runs in --workdir are reused, so models can be split over
 processes (--config.structures.models=...) and collected by a last full call.
 Long ensembles can train in member groups (--config.structures.group_size=g):
 processes started with the same command on one workdir split the groups.
---out also writes every run's result to <stem>_runs/; in a fresh workdir
---resume_from <stem>_runs reuses them (same settings, autoencoder and data
-files only). --finished_only trains nothing and reports what has finished,
+--out also writes every run's result and the workdir's autoencoder to
+<stem>_runs/; in a fresh workdir --resume_from <stem>_runs installs that
+autoencoder and reuses the runs (same settings, autoencoder and data files
+only). --finished_only trains nothing and reports what has finished,
 an ensemble with groups missing as fewer members.
 """
 
@@ -23,10 +24,10 @@ from macro_jax import experiment, structures, sweep
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the per-member rows; a .png and .md are written beside it, "
-                           "and every run's result to <stem>_runs/ (what --resume_from reads).")
+                           "and every run's result and the autoencoder to <stem>_runs/ (what --resume_from reads).")
 _RESUME = flags.DEFINE_list("resume_from", None, "Folders (comma-separated) of run results an earlier --out exported "
-                            "(<stem>_runs/): copied into --workdir first, reused if their settings, autoencoder and data "
-                            "match.")
+                            "(<stem>_runs/): copied into --workdir first (their autoencoder too, where the workdir has "
+                            "none), reused if their settings, autoencoder and data match.")
 _FINISHED_ONLY = flags.DEFINE_bool("finished_only", False, "Train nothing: report the runs and member groups that "
                                    "finished (an ensemble with groups missing shows fewer members).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -43,7 +44,8 @@ def main(argv):
     experiment.report(results, _OUT.value, structures.table, structures.rows, structures.boxplot)
     if _OUT.value:
         runs = [run for r in results for run in r["_runs"]]
-        sweep.export_runs([r for _, r in runs], os.path.splitext(_OUT.value)[0] + "_runs", [n for n, _ in runs])
+        sweep.export_runs([r for _, r in runs], os.path.splitext(_OUT.value)[0] + "_runs", [n for n, _ in runs],
+                          workdir=_WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@
       --out docs/results/predator_prey.json
 Resumable: finished runs in --workdir are reused, so the grid can be split
 over processes (--config.sweep.runs=...) and collected by a last full call.
---out also exports every run's result to <stem>_runs/; in a fresh workdir (a
-new machine or session) --resume_from <stem>_runs reuses them, if the same
-config and seed rebuild the same autoencoder (checked by its SHA-256; on one
-machine they do, and on other machines of the same kind they did; across
-kinds of machine they need not). Several folders: comma-separated.
+--out also exports every run's result and the workdir's autoencoder to
+<stem>_runs/; in a fresh workdir (a new machine or session) --resume_from
+<stem>_runs installs that autoencoder and reuses the runs. The same config
+and seed need not rebuild the same autoencoder on another machine, so a
+workdir that already has its own keeps it, and runs trained on another
+encoder are refused (checked by its SHA-256). Several folders: comma-separated.
 Repeats over data draws on the same data and autoencoder, in the same workdir:
 --config.train.draw_configs=random --config.train.draw_seed=S (one --out per S).
 """
@@ -23,10 +24,10 @@ from macro_jax import experiment, sweep
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory shared by every run of the sweep.")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the per-seed rows; a .png and .md are written beside it, "
-                           "and every run's result to <stem>_runs/ (what --resume_from reads).")
+                           "and every run's result and the autoencoder to <stem>_runs/ (what --resume_from reads).")
 _RESUME = flags.DEFINE_list("resume_from", None, "Folders (comma-separated) of run results a sweep's --out exported "
-                            "(<stem>_runs/): copied into --workdir first, reused if their settings, autoencoder and data "
-                            "match.")
+                            "(<stem>_runs/): copied into --workdir first (their autoencoder too, where the workdir has "
+                            "none), reused if their settings, autoencoder and data match.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,7 +41,7 @@ def main(argv):
     experiment.report(results, _OUT.value, lambda rs: sweep.table(rs, config.system.name), sweep.rows,
                       lambda rs, path: sweep.plot(rs, config.system.name, path))
     if _OUT.value:
-        sweep.export_runs(results, os.path.splitext(_OUT.value)[0] + "_runs")
+        sweep.export_runs(results, os.path.splitext(_OUT.value)[0] + "_runs", workdir=_WORKDIR.value)
 
 
 if __name__ == "__main__":

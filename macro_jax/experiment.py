@@ -139,6 +139,7 @@ def _pool_spec(config, spec) -> dict:
 
 
 POLL_SECONDS = 10.0  # how often a process waits for blocks that others simulate
+AUTOENCODER_FILE = os.path.join("autoencoder", "model.eqx")  # a workdir's trained stage-1 weights
 
 
 def _blocks(system, key, spec, block: int, skip=lambda b: False):
@@ -314,7 +315,7 @@ def _autoencoder(config, system, pool, workdir) -> Autoencoder:
     key = jr.fold_in(jr.PRNGKey(config.seed), 2)
     init_key, shuffle_key = jr.split(key)
     skeleton = _make_autoencoder(config, system, init_key)
-    path = os.path.join(workdir, "autoencoder", "model.eqx")
+    path = os.path.join(workdir, AUTOENCODER_FILE)
     spec = autoencoder_spec(config)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:  # processes sharing the workdir: one trains, the others wait and load
@@ -761,7 +762,7 @@ def finished_run(config, spec: str, budget: int, workdir: str, tag: str = "") ->
 
 def autoencoder_sha256(workdir: str) -> str | None:
     """SHA-256 of ``workdir``'s trained autoencoder file (from its checked sidecar), None before it exists."""
-    path = os.path.join(workdir, "autoencoder", "model.eqx")
+    path = os.path.join(workdir, AUTOENCODER_FILE)
     return checkpoint.load_sidecar(path)["sha256"] if os.path.exists(path) else None
 
 

@@ -15,6 +15,7 @@ import shutil
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from macro_jax import checkpoint, experiment, plotting
 from macro_jax import eval as evaluation
@@ -73,15 +74,47 @@ def _with_last_member_errors(result: dict, workdir: str) -> dict:
     return dict(result, last_member_errors=np.asarray(evaluation.last_member_errors(pred_obs), np.float64).tolist())
 
 
-def export_runs(results: list[dict], directory: str, names: list[str] | None = None) -> None:
+def export_runs(results: list[dict], directory: str, names: list[str] | None = None,
+                workdir: str | None = None) -> None:
     """Writes each run's result (``result.json``, settings and autoencoder checksum
     included) to ``directory/<run name>.json`` (``names``: the runs' directory
     names under ``workdir/runs``, default a sweep's ``result_run_name``): small
     files to commit beside the rows, from which ``import_runs`` resumes in a
-    fresh workdir."""
+    fresh workdir. With ``workdir``, its trained autoencoder (weights and
+    sidecar, checksum checked) is copied to ``directory/autoencoder/`` too, so
+    that a machine which would train another encoder from the same data and
+    seed can continue the same ensembles."""
     os.makedirs(directory, exist_ok=True)
     for r, name in zip(results, names or [experiment.result_run_name(r) for r in results], strict=True):
         experiment.write_json(os.path.join(directory, name + ".json"), experiment.public(r))
+    source = os.path.join(workdir, experiment.AUTOENCODER_FILE) if workdir else None
+    if source and os.path.exists(source):
+        checkpoint.load_sidecar(source)  # never export a corrupt file
+        _copy_checked(source, os.path.join(directory, experiment.AUTOENCODER_FILE))
+
+
+def _copy_checked(source: str, target: str) -> None:
+    """Copies a file saved by ``checkpoint`` and its sidecar; the file lands last
+    and atomically, so a process polling for ``target`` never sees it alone."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.copyfile(source + ".json", target + ".json")
+    tmp = f"{target}.{os.getpid()}.tmp"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def _exported_autoencoder(directories: Sequence[str]) -> str | None:
+    """The autoencoder file the folders export (checksums checked), None if none
+    does; two different ones are refused."""
+    found: dict[str, str] = {}
+    for directory in directories:
+        path = os.path.join(directory, experiment.AUTOENCODER_FILE)
+        if os.path.exists(path):
+            found.setdefault(checkpoint.load_sidecar(path)["sha256"], path)
+    if len(found) > 1:
+        raise ValueError("the folders export different autoencoders: " + ", ".join(
+            f"{path} (sha256 {sha[:12]}...)" for sha, path in found.items()) + "; resume from one encoder's runs only")
+    return next(iter(found.values()), None)
 
 
 def import_runs(directories: str | Sequence[str], workdir: str) -> list[str]:
@@ -91,9 +124,16 @@ def import_runs(directories: str | Sequence[str], workdir: str) -> list[str]:
     the names copied. ``run_sweep`` then reuses them like its own: only with the
     same settings and the same autoencoder (``experiment.finished_run``,
     ``experiment.check_autoencoder``). A run name found in two folders with
-    different contents is refused, not picked silently."""
+    different contents is refused, not picked silently.
+
+    An exported autoencoder is installed where the workdir has none (and no
+    process is training one): the runs then continue on the encoder they were
+    trained on, which the config's spec still checks on load. A workdir's own
+    autoencoder is never replaced; if it differs, the copied runs are refused
+    when read."""
+    directories = [directories] if isinstance(directories, str) else list(directories)
     found: dict[str, str] = {}
-    for directory in [directories] if isinstance(directories, str) else directories:
+    for directory in directories:
         paths = sorted(glob.glob(os.path.join(directory, "*.json")))
         if not paths:
             raise FileNotFoundError(f"{directory}: no exported run results (*.json) to resume from")
@@ -102,6 +142,7 @@ def import_runs(directories: str | Sequence[str], workdir: str) -> list[str]:
             if name in found and not filecmp.cmp(found[name], path, shallow=False):
                 raise ValueError(f"run {name!r} is exported twice with different results: {found[name]} and {path}")
             found.setdefault(name, path)
+    encoder = _exported_autoencoder(directories)  # checked before anything is copied
     copied = []
     for name, path in found.items():
         target = os.path.join(workdir, "runs", name, "result.json")
@@ -109,6 +150,12 @@ def import_runs(directories: str | Sequence[str], workdir: str) -> list[str]:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(path, target)
             copied.append(name)
+    target = os.path.join(workdir, experiment.AUTOENCODER_FILE)
+    if encoder is not None and (os.path.exists(target) or os.path.exists(target + ".lock")):
+        logging.info("kept %s (not replaced by the exported %s)", target, encoder)
+    elif encoder is not None:
+        _copy_checked(encoder, target)
+        logging.info("installed the exported autoencoder %s as %s", encoder, target)
     return copied
 
 

@@ -227,6 +227,52 @@ def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoe
         sweep.run_sweep(config, fresh)
 
 
+def test_an_exported_autoencoder_is_installed_in_a_fresh_workdir_and_checked(tmp_path, monkeypatch):
+    """Exports carry the workdir's autoencoder; importing them into a fresh
+    workdir installs it instead of training another (a machine that would
+    train a different encoder continues the same ensembles). A corrupt copy,
+    or two folders exporting different encoders, are refused before anything
+    is copied; a workdir's own encoder is never replaced."""
+    config = predator_prey.get_config("smoke")
+    config.train.epochs = 2
+    config.sweep.budgets = (2_000,)
+    first = str(tmp_path / "first")
+    results = sweep.run_sweep(config, first)
+    sha = experiment.autoencoder_sha256(first)
+    exported = str(tmp_path / "exported")
+    sweep.export_runs(results, exported, workdir=first)
+    assert checkpoint.load_sidecar(os.path.join(exported, experiment.AUTOENCODER_FILE))["sha256"] == sha
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the autoencoder was trained, not installed")
+
+    monkeypatch.setattr(experiment, "_train_autoencoder", no_training)
+    fresh = str(tmp_path / "fresh")
+    assert sweep.import_runs(exported, fresh) == [experiment.result_run_name(r) for r in results]
+    assert experiment.autoencoder_sha256(fresh) == sha
+    config.sweep.budgets = (2_000, 4_000)  # a new run trains on the installed encoder
+    again = sweep.run_sweep(config, fresh)
+    assert [r for r in again if r["budget"] == 2_000] == results
+    assert all(r["autoencoder_sha256"] == sha for r in again)
+
+    other = str(tmp_path / "other")  # another encoder, exported beside the first
+    os.makedirs(other)
+    checkpoint.save_model(os.path.join(other, experiment.AUTOENCODER_FILE), {"w": jnp.zeros(3)}, {"spec": {}})
+    with open(os.path.join(other, "r.json"), "w") as f:
+        json.dump({"test_error_mean": 1.0}, f)
+    with pytest.raises(ValueError, match="different autoencoders"):
+        sweep.import_runs([exported, other], str(tmp_path / "mixed"))
+    assert not os.path.exists(tmp_path / "mixed")
+    sweep.import_runs(other, first)  # a workdir's own encoder stays
+    assert experiment.autoencoder_sha256(first) == sha
+
+    with open(os.path.join(exported, experiment.AUTOENCODER_FILE), "ab") as f:
+        f.write(b"\0")  # a corrupt copy
+    with pytest.raises(checkpoint.DataFileError, match="checksum mismatch"):
+        sweep.import_runs(exported, str(tmp_path / "third"))
+    assert not os.path.exists(tmp_path / "third")
+
+
 def test_import_runs_from_several_folders_refuses_a_run_exported_twice_differently(tmp_path):
     """The exports of two commands that make one table are imported together; a
     run in both folders is copied once if the files agree, refused if not."""
