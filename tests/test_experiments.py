@@ -181,6 +181,17 @@ def test_draw_seed_repeats_a_sweep_over_data_draws_on_the_same_data(tmp_path):
         scaling.collect([rows + sweep.rows(plain)])
 
 
+def _one_budget_sweep(tmp_path):
+    """A 2-epoch Predator-Prey smoke sweep at one budget in ``tmp_path/first``:
+    its config, workdir, results and autoencoder SHA-256."""
+    config = predator_prey.get_config("smoke")
+    config.train.epochs = 2
+    config.sweep.budgets = (2_000,)
+    first = str(tmp_path / "first")
+    results = sweep.run_sweep(config, first)
+    return config, first, results, experiment.autoencoder_sha256(first)
+
+
 def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoencoder(tmp_path, monkeypatch):
     """The cross-session path: a sweep's exported run results, imported into a
     fresh workdir, are reused; the autoencoder the fresh workdir trains (same
@@ -188,12 +199,7 @@ def test_results_copied_into_a_fresh_workdir_are_reused_only_with_the_same_autoe
     another autoencoder is refused, also when found before the autoencoder existed."""
     import shutil
 
-    config = predator_prey.get_config("smoke")
-    config.train.epochs = 2
-    config.sweep.budgets = (2_000,)
-    first = str(tmp_path / "first")
-    results = sweep.run_sweep(config, first)
-    sha = experiment.autoencoder_sha256(first)
+    config, first, results, sha = _one_budget_sweep(tmp_path)
     assert sha and all(r["autoencoder_sha256"] == sha for r in results)
     data_sha = {split: checkpoint.load_sidecar(os.path.join(first, "data", f"{split}.npz"))["sha256"]
                 for split in ("pool", "test")}
@@ -233,12 +239,7 @@ def test_an_exported_autoencoder_is_installed_in_a_fresh_workdir_and_checked(tmp
     train a different encoder continues the same ensembles). A corrupt copy,
     or two folders exporting different encoders, are refused before anything
     is copied; a workdir's own encoder is never replaced."""
-    config = predator_prey.get_config("smoke")
-    config.train.epochs = 2
-    config.sweep.budgets = (2_000,)
-    first = str(tmp_path / "first")
-    results = sweep.run_sweep(config, first)
-    sha = experiment.autoencoder_sha256(first)
+    config, first, results, sha = _one_budget_sweep(tmp_path)
     exported = str(tmp_path / "exported")
     sweep.export_runs(results, exported, workdir=first)
     assert checkpoint.load_sidecar(os.path.join(exported, experiment.AUTOENCODER_FILE))["sha256"] == sha
