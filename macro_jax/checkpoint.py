@@ -147,7 +147,11 @@ def cpu_description() -> str:
 
 def versions() -> dict[str, str]:
     """Library versions and the machine (CPU, the device JAX computes on, the
-    XLA_FLAGS in force) that made a file: what to compare when a rebuild differs."""
+    XLA_FLAGS in force, the cores the process may use) that made a file: what to
+    compare when a rebuild differs. XLA's CPU thread pool follows the usable
+    cores and ``--xla_cpu_multi_thread_eigen``, and a trained model's bits
+    depend on it (3 autoencoder epochs on LJ-800 data: one file with one
+    thread, another with two)."""
     import equinox
     import optax
 
@@ -156,4 +160,12 @@ def versions() -> dict[str, str]:
     return {"jax": jax.__version__, "equinox": equinox.__version__, "optax": optax.__version__,
             "numpy": np.__version__, "macro_jax": macro_jax.__version__,
             "cpu": cpu_description(), "device": jax.devices()[0].device_kind,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "usable_cores": str(_usable_cores())}
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under ``taskset``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

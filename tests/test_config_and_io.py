@@ -232,6 +232,7 @@ def test_versions_record_the_machine(tmp_path):
     assert v["cpu"] and v["cpu"] != "unknown"
     assert v["device"]
     assert "xla_flags" in v
+    assert 1 <= int(v["usable_cores"]) <= os.cpu_count()
     path = str(tmp_path / "a.npz")
     checkpoint.save_arrays(path, {"x": np.zeros(3)}, {"versions": v})
     assert checkpoint.load_sidecar(path)["versions"]["cpu"] == v["cpu"]
