@@ -14,7 +14,7 @@ from macro_jax import checkpoint
 
 def device_description() -> str:
     d = jax.devices()[0]
-    cores = os.cpu_count()
+    cores = checkpoint.usable_cores()  # under taskset, the cores it may use
     kind = d.device_kind if d.platform != "cpu" else checkpoint.cpu_description()
     flags = os.environ.get("XLA_FLAGS", "")
     return f"{d.platform}: {kind}, {cores} cores" + (f", XLA_FLAGS='{flags}'" if flags else "")

@@ -160,10 +160,10 @@ def versions() -> dict[str, str]:
     return {"jax": jax.__version__, "equinox": equinox.__version__, "optax": optax.__version__,
             "numpy": np.__version__, "macro_jax": macro_jax.__version__,
             "cpu": cpu_description(), "device": jax.devices()[0].device_kind,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "usable_cores": str(_usable_cores())}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "usable_cores": str(usable_cores())}
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, e.g. under ``taskset``)."""
     try:
         return len(os.sched_getaffinity(0))
