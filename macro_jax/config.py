@@ -227,6 +227,8 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
         _require(s.lr > 0 and math.isfinite(s.lr), name("lr"), s.lr, "must be a finite number > 0")
         _require(0 < s.min_lr <= s.lr, name("min_lr"), s.min_lr, "must be in (0, lr]")
         _require(0 < s.plateau_factor < 1, name("plateau_factor"), s.plateau_factor, "must be in (0, 1)")
+        _require(isinstance(s.get("xp_excess", False), bool), name("xp_excess"), s.get("xp_excess", False),
+                 "must be True or False")
         # per loss, as config_indices and the run's directory name read it
         draw_seed = s.get("draw_seed", None)
         _require(draw_seed is None or (isinstance(draw_seed, int) and not isinstance(draw_seed, bool) and draw_seed >= 0),

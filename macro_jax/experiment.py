@@ -533,6 +533,11 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     cfg = run_settings(config, loss)
     n_pool = pool_lib.n_configs(prep.pool)
     k, n = run_size(system, spec, budget, n_pool)
+    excess = loss == "xp" and bool(cfg.get("xp_excess", False))
+    if excess and k * system.dofs_per_site < ae.latent_dim:
+        raise ConfigError(f"train.xp_excess=True with {spec!r}: the floor needs J_I J_I^T invertible, i.e. at least "
+                          f"the latent dimension ({ae.latent_dim}) sampled coordinates, but the run samples "
+                          f"{k * system.dofs_per_site}: raise p or set train.xp_excess=False")
     name = config_run_name(config, spec, budget, tag)
     logging.info("== %s: %s, %d configurations x %d sites, seeds %s", name, losses.LOSS_NAMES[loss], n, k, tuple(cfg.seeds))
     seeds = tuple(cfg.seeds)
@@ -546,7 +551,7 @@ def run_loss(prep: Prepared, config, spec: str, budget: int, workdir: str, tag: 
     if regression and batch_fn is None:
         check_regression_labels(samples, spec, k * system.dofs_per_site)
     sample_loss = losses.per_sample_loss(loss, system.n_sites / k, normalised=z_weighting(spec) == "normalised",
-                                         regression=regression)
+                                         regression=regression, excess=excess)
     select, n_select = None, 0
     if int(cfg.get("select_every", 0) or 0) > 0:
         samples, held, n_select = _split_selection(samples, per_member, n, float(cfg.select_fraction))
@@ -714,7 +719,8 @@ def _autoencoder_settings(fields: dict) -> dict:
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
 _LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
                    "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False,
-                             "subset_seed": None, "select_every": 0, "select_fraction": 0.1}}
+                             "subset_seed": None, "select_every": 0, "select_fraction": 0.1,
+                             "xp_excess": False}}
 
 
 def _without_later_defaults(section: str, fields: dict) -> dict:

@@ -111,6 +111,20 @@ def loss_xp(field, s, weight):
     return (weight * r2).astype(jnp.float32)
 
 
+def loss_xp_excess(field, s, weight):
+    """``loss_xp`` less its minimum over g, the theta-independent floor
+    ``weight (|f_I|^2 - (J_I f_I)^T (J_I J_I^T)^{-1} J_I f_I)``: what remains
+    is ``weight (y - y*)^T (J_I J_I^T) (y - y*)`` with ``y* = (J_I J_I^T)^{-1} J_I f_I``,
+    computed as that square (float64, never negative). The gradient is
+    ``loss_xp``'s; only the value differs, so that the reduce-on-plateau
+    schedule (``train.xp_excess``) sees the part the model can reduce. Needs
+    ``J_I J_I^T`` invertible (at least d sampled dofs); NaN otherwise."""
+    y = jacobian.solve_gram(s["chol"], field(0.0, s["z"]))
+    chol_i = jacobian.cholesky(s["gram_i"])
+    e = y - jacobian.solve_gram(chol_i, s["jfi"])
+    return (weight * jnp.sum((chol_i.T @ e) ** 2)).astype(jnp.float32)
+
+
 def loss_zp(field, s, label: str = "rate"):
     """``|h - g(z)|^2`` with ``h = s[label]``: ``rate``, the unbiased k-site
     estimate of ``J f``, or ``rate_regression``, the regression estimate
@@ -119,16 +133,18 @@ def loss_zp(field, s, label: str = "rate"):
     return jnp.sum((s[label].astype(g.dtype) - g) ** 2)
 
 
-def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False, regression: bool = False) -> Callable:
+def per_sample_loss(loss: str, weight: float = 1.0, normalised: bool = False, regression: bool = False,
+                    excess: bool = False) -> Callable:
     """``(field, sample) -> scalar`` for the loss named ``z``, ``x``, ``xp`` or ``zp``;
     ``normalised`` picks ``loss_z_normalised`` for ``z``, ``regression`` the
-    regression label for ``zp``."""
+    regression label for ``zp``, ``excess`` ``loss_xp_excess`` for ``xp``."""
     if loss == "z":
         return loss_z_normalised if normalised else loss_z
     if loss == "x":
         return loss_x
     if loss == "xp":
-        return lambda field, s: loss_xp(field, s, weight)
+        fn = loss_xp_excess if excess else loss_xp
+        return lambda field, s: fn(field, s, weight)
     if loss == "zp":
         label = "rate_regression" if regression else "rate"
         return lambda field, s: loss_zp(field, s, label)

@@ -1,5 +1,6 @@
 """Smoke runs of every config end to end; determinism; the evaluation metric."""
 
+import copy
 import glob
 import json
 import os
@@ -427,6 +428,31 @@ def test_budget_beyond_pool_names_the_field(smoke_run):
     prep = experiment.prepare(config, smoke_run[0])
     with pytest.raises(ConfigError, match=r"train.budget=10000000 .*\(data.n_pool_trajectories"):
         experiment.run_loss(prep, config, "z", 10_000_000, smoke_run[0])
+
+
+def test_xp_excess_changes_the_reported_loss_not_the_training(smoke_run):
+    """train.xp_excess subtracts a constant per sample: in the smoke run (3
+    epochs, the learning rate never drops) the members end where the plain
+    L_x,p run ended, and the loss they report is the plain one less the floor."""
+    workdir, config, results = smoke_run
+    plain = next(r for r in results if r["loss"] == "L_x,p")
+    config = copy.deepcopy(config)
+    config.train.xp_excess = True
+    prep = experiment.prepare(config, workdir)
+    r = experiment.run_loss(prep, config, "xp:0.2", config.train.budget, workdir, tag="excess")
+    np.testing.assert_allclose(r["test_errors"], plain["test_errors"], rtol=1e-4)
+    assert r["settings"]["train"]["xp_excess"] is True and "xp_excess" not in plain["settings"]["train"]
+    assert np.all(0 < np.asarray(r["final_train_loss"])) and np.all(
+        np.asarray(r["final_train_loss"]) < 0.99 * np.asarray(plain["final_train_loss"]))  # the floor: 9% here
+
+
+def test_xp_excess_with_too_few_sampled_dofs_is_a_config_error(smoke_run):
+    workdir, config, _ = smoke_run
+    config = copy.deepcopy(config)
+    config.train.xp_excess = True
+    prep = experiment.prepare(config, workdir)  # 100 sites of 1 dof each, a 4-dimensional latent space
+    with pytest.raises(ConfigError, match=r"train.xp_excess=True with 'xp:0.02'.*samples 2: raise p"):
+        experiment.run_loss(prep, config, "xp:0.02", 400, workdir, tag="few")
 
 
 def test_lj_structures_smoke(tmp_path):

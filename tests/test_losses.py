@@ -130,6 +130,38 @@ def test_lxp_from_products_equals_direct_residual(setup):
     assert "cols" not in sp and sp["gram_i"].shape == (6, 4, 4)  # J[:, I] itself is not kept
 
 
+def test_lxp_excess_is_lxp_less_its_floor_with_the_same_gradient(setup):
+    """``loss_xp_excess`` = ``loss_xp`` - min over g of ``loss_xp`` (the floor,
+    from a direct least-squares fit of f_I by the rows J_I^T y): the difference
+    is the same for two unrelated fields, the excess vanishes at the
+    minimising rate and the gradients in g agree."""
+    system, ae, xs, fs = setup
+    geometry = jacobian.make_geometry_fn(ae, "linear_first_layer")
+    sites = data.draw_sites(system, jr.PRNGKey(21), 4, 20)
+    f_sub, _ = data.label_subset(system, xs[:4], sites)
+    sp = data.precompute(ae, "linear_first_layer", system, "xp", xs[:4], f_sub, sites)
+    szp = data.precompute(ae, "linear_first_layer", system, "zp", xs[:4], f_sub, sites)
+    w = 5.0
+    as64 = lambda fn: (lambda *a: fn(*a).astype(jnp.float64))
+    for i in range(4):
+        s = jax.tree_util.tree_map(lambda a: a[i], sp)
+        cols = np.asarray(geometry(xs[i], system.site_dofs(sites[i])).cols, np.float64)  # (d, k dofs)
+        fi = np.asarray(f_sub[i], np.float64)
+        y_star = np.linalg.lstsq(cols.T, fi, rcond=None)[0]
+        floor = w * float(np.sum((fi - cols.T @ y_star) ** 2))
+        assert floor > 0.1 * w * float(np.sum(fi**2))  # the floor is not negligible: the check has power
+        for key in (jr.PRNGKey(22), jr.PRNGKey(23)):
+            field = _field(key)
+            full, excess = losses.loss_xp(field, s, w), losses.loss_xp_excess(field, s, w)
+            assert float(excess) >= 0.0
+            assert float(full) - float(excess) == pytest.approx(floor, rel=1e-5)
+        best = lambda t, z: szp["rate_regression"][i]
+        assert float(losses.loss_xp_excess(best, s, w)) < 1e-6 * floor
+        g0 = _field(jr.PRNGKey(24))(0.0, s["z"])
+        grads = [jax.grad(lambda g: as64(fn)(lambda t, z: g, s, w))(g0) for fn in (losses.loss_xp, losses.loss_xp_excess)]
+        np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(grads[0]), rtol=1e-4)
+
+
 def test_weighted_lxp_is_unbiased_for_lx(setup):
     """The mean of (N/k)|f_I - (J^+ g)_I|^2 over many random subsets equals L_x."""
     system, ae, xs, fs = setup
