@@ -118,7 +118,11 @@ def loss_xp_excess(field, s, weight):
     computed as that square (float64, never negative). The gradient is
     ``loss_xp``'s; only the value differs, so that the reduce-on-plateau
     schedule (``train.xp_excess``) sees the part the model can reduce. Needs
-    ``J_I J_I^T`` invertible (at least d sampled dofs); NaN otherwise."""
+    ``J_I J_I^T`` invertible (at least d sampled dofs); NaN otherwise.
+    ``y*`` is theta-independent but solved again at every step (d^3 / 3
+    flops per sample, by our estimate a few per cent of an LJ-800 MLP step): keeping it in
+    the samples would cost every L_x,p run d more numbers per configuration
+    for an option that is off by default."""
     y = jacobian.solve_gram(s["chol"], field(0.0, s["z"]))
     chol_i = jacobian.cholesky(s["gram_i"])
     e = y - jacobian.solve_gram(chol_i, s["jfi"])
