@@ -139,6 +139,12 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
     ``n_draws`` uniform subsets per configuration, averaged over them, and
     ``regression_ratio`` its ratio to ``signal_var`` (NaN when the k sites'
     coordinates are fewer than d: ``J_I J_I^T`` is then singular).
+    ``force_norm2`` and ``unexplained_norm2`` (per configuration): ``|f|^2`` and
+    ``|P f|^2 = |f|^2 - (J f)^T G^{-1} J f`` with ``P = I - J^+ J``, the part
+    of f outside J's row space: the theta-independent floor of ``L_x``, and
+    what the k-site estimates of ``J f`` (and the ``L_x,p`` gradient) are
+    noisy with (for ``f = J^T a`` the regression estimate is exact);
+    ``unexplained_fraction`` is their ratio.
     J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
     """
     n, dps = system.n_sites, system.dofs_per_site
@@ -152,7 +158,7 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
     @jax.jit
     def one(x, key):
         """(J f, estimator variance (d,), per-coordinate variances (dps, d), Gram noise,
-        regression-estimate variance (d,)) of one configuration."""
+        regression-estimate variance (d,), |f|^2, |P f|^2) of one configuration."""
         f = system.force_fn(x).astype(jnp.float64)
         jac = jax.jacrev(ae.encode)(x).astype(jnp.float64)  # (d, N)
         cols = jac[:, site_dofs]  # (d, n, dps)
@@ -166,18 +172,22 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
             return data.regression_rate(per_site_gram.sum(0), ci @ ci.T, c[:, sites].sum((1, 2)))
 
         reg = jax.vmap(regression)(jr.split(key, n_draws))
-        return (c.sum((1, 2)), fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
-                jnp.var(reg, 0, ddof=1))
+        jf = c.sum((1, 2))
+        ff = jnp.sum(f**2)
+        pf = ff - jnp.dot(jf, jacobian.solve_gram(jacobian.cholesky(per_site_gram.sum(0)), jf))
+        return (jf, fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
+                jnp.var(reg, 0, ddof=1), ff, pf)
 
     keys = jr.split(jr.PRNGKey(seed), len(indices))
     per_config = [jax.device_get(one(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]), keys[j]))
                   for j, i in enumerate(np.asarray(indices))]
-    rates, noise, by_component, gram_noise, reg_noise = (np.stack(a) for a in zip(*per_config))
+    rates, noise, by_component, gram_noise, reg_noise, ff, pf = (np.stack(a) for a in zip(*per_config))
     signal = rates.var(0, ddof=1)
     noise_var = noise.mean(0)
     return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": by_component.mean(0),
             "ratio": noise_var / signal, "gram_noise": float(gram_noise.mean()),
-            "regression_noise_var": reg_noise.mean(0), "regression_ratio": reg_noise.mean(0) / signal}
+            "regression_noise_var": reg_noise.mean(0), "regression_ratio": reg_noise.mean(0) / signal,
+            "force_norm2": ff, "unexplained_norm2": pf, "unexplained_fraction": pf / ff}
 
 
 def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
@@ -202,6 +212,8 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
             "regression_ratio_median": float(np.median(r["regression_ratio"])),
             "regression_ratio_max": float(np.max(r["regression_ratio"])),
             "component_ratio_median": [float(np.median(v / r["signal_var"])) for v in r["noise_var_by_component"]],
+            "unexplained_fraction_median": float(np.median(r["unexplained_fraction"])),
+            "unexplained_norm2_per_dof_mean": float(np.mean(r["unexplained_norm2"]) / prep.system.n_dof),
             **{key: np.asarray(v).tolist() for key, v in r.items()}}
     os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)
     experiment.write_json(os.path.join(workdir, "diagnostics", "subset_noise.json"), report)

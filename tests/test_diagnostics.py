@@ -184,6 +184,13 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     jf = np.stack([np.asarray(jax.jacrev(ae.encode)(x) @ system.force_fn(x)) for x in xs])
     np.testing.assert_allclose(r["signal_var"], jf.var(0, ddof=1), rtol=1e-8)
     np.testing.assert_allclose(r["ratio"], r["noise_var"] / r["signal_var"])
+    # |P f|^2 against an explicit pseudo-inverse, P = I - J^+ J
+    for i, x in enumerate(xs):
+        jac, f = np.asarray(jax.jacrev(ae.encode)(x)), np.asarray(system.force_fn(x))
+        pf = f - np.linalg.pinv(jac) @ (jac @ f)
+        np.testing.assert_allclose(r["unexplained_norm2"][i], np.sum(pf**2), rtol=1e-8)
+        np.testing.assert_allclose(r["force_norm2"][i], np.sum(f**2), rtol=1e-12)
+    assert np.all((r["unexplained_fraction"] > 0) & (r["unexplained_fraction"] < 1))
     assert r["noise_var_by_component"].shape == (system.dofs_per_site, 4)
     # the regression estimate only carries the noise of the part of f that J does not explain
     assert np.all(r["regression_noise_var"] > 0)
@@ -191,6 +198,7 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     e = diagnostics.subset_noise(explained, ae, xs, k, np.arange(3), n_draws=50)
     assert np.all(e["noise_var"] > 1e-6 * e["signal_var"])  # the unbiased estimate is still noisy
     np.testing.assert_array_less(e["regression_noise_var"], 1e-12 * e["signal_var"])  # f = J^T a: exact
+    np.testing.assert_array_less(e["unexplained_fraction"], 1e-10)  # ... and J explains all of f
     with pytest.raises(ConfigError, match="k=100"):
         diagnostics.subset_noise(system, ae, xs, system.n_sites, np.arange(3))
     with pytest.raises(ConfigError, match="n_configs=1"):
