@@ -56,7 +56,8 @@ def main(argv):
             print(f"{spec}: k={r['k']}, noise/signal variance of the rate estimate: median over rows "
                   f"{r['ratio_median']:.3g}, max {r['ratio_max']:.3g}; per site coordinate (median) "
                   + ", ".join(f"{v:.3g}" for v in r["component_ratio_median"])
-                  + f"; relative variance of the k-site Gram {r['gram_noise']:.3g}")
+                  + f"; relative variance of the k-site Gram {r['gram_noise']:.3g}; |P f|^2 / |f|^2 (median) "
+                  f"{r['unexplained_fraction_median']:.3g}")
         print(f"wrote {_WORKDIR.value}/diagnostics/subset_noise.json")
         return
     summary = diagnostics.run_diagnostics(config, _WORKDIR.value, train_monitored=_TRAIN_MONITORED.value)
