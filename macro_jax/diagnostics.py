@@ -9,7 +9,8 @@ on held-out data, and the ``lambda_cond`` sweep.
   epoch (held-out ``L_z`` and ``L_x`` in the training's units, test error).
 * ``subset_noise``: the variance of the partial (k-site) estimate of the
   latent rate ``J f`` next to the rate's variance over configurations, per
-  row of J and per site coordinate (from full forces; a diagnostic).
+  row of J and per site coordinate, and ``|P f|^2``, the part of f that J
+  does not explain (from full forces; a diagnostic).
 * ``lambda_sweep``: test error and ``cond(G)`` for each ``lambda_cond`` of
   ``config.diagnostics.lambda_values`` (resumable).
 * ``run_diagnostics``: the condition-number distribution of a workdir's
