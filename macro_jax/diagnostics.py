@@ -165,17 +165,18 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
         cols = jac[:, site_dofs]  # (d, n, dps)
         c = cols * f[site_dofs]  # per-site, per-coordinate contributions to J f
         per_site_gram = jnp.einsum("ask,bsk->sab", cols, cols)  # (n, d, d)
-        gram_noise = fac * jnp.sum(jnp.var(per_site_gram, 0, ddof=1)) / jnp.sum(per_site_gram.sum(0) ** 2)
+        gram = per_site_gram.sum(0)
+        gram_noise = fac * jnp.sum(jnp.var(per_site_gram, 0, ddof=1)) / jnp.sum(gram**2)
 
         def regression(draw_key):
             sites = sample_sites(draw_key, n, k)
             ci = cols[:, sites].reshape(cols.shape[0], -1)
-            return data.regression_rate(per_site_gram.sum(0), ci @ ci.T, c[:, sites].sum((1, 2)))
+            return data.regression_rate(gram, ci @ ci.T, c[:, sites].sum((1, 2)))
 
         reg = jax.vmap(regression)(jr.split(key, n_draws))
         jf = c.sum((1, 2))
         ff = jnp.sum(f**2)
-        pf = ff - jnp.dot(jf, jacobian.solve_gram(jacobian.cholesky(per_site_gram.sum(0)), jf))
+        pf = ff - jacobian.metric_norm2(jacobian.cholesky(gram), jf)  # as L_x's floor (data._sample_fn)
         return (jf, fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
                 jnp.var(reg, 0, ddof=1), ff, pf)
 
