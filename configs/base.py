@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "linear_first_layer" (J = J_rest W1, J never formed) or "generic" (full jacrev).
     c.autoencoder.jacobian = "linear_first_layer"
     c.autoencoder.n_configs = 0  # pool configurations used to train the AE; 0 = all
+    # Origin of the encoder's (unnormalised) input: "data" (x as stored) or
+    # "box_centre" (x less the system's centre_shift; particles: positions in
+    # [-L/2, L/2), the reference's LAMMPS frame, instead of [0, L)).
+    c.autoencoder.input_origin = "data"
     c.autoencoder.epochs = 10
     c.autoencoder.batch_size = 256
     c.autoencoder.lr = 1e-4  # Adam with coupled L2 weight decay (PyTorch Adam)

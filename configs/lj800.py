@@ -13,6 +13,9 @@ Variants (config argument after the colon; combine with commas, e.g. :fire,short
   :fire   the runs start from our jax-md state (random insertion, FIRE to
           |F| < 1e-3) instead of the reference's LAMMPS state; the data of our
           results before 2026-11-25 (README).
+  :centred  the encoder reads positions from the box centre, in [-L/2, L/2)
+          as the reference's LAMMPS data do, instead of our [0, L)
+          (autoencoder.input_origin = "box_centre"); a new autoencoder.
   :smoke  100 atoms, seconds; used by the test suite.
 """
 
@@ -95,11 +98,13 @@ def get_config(variant: str = ""):
 
     variants = [v for v in variant.split(",") if v]
     for v in variants:
-        if v not in ("short", "fire", "smoke"):
-            raise ValueError(f"unknown lj800 config variant {v!r}; use 'short', 'fire', 'smoke' or a "
+        if v not in ("short", "fire", "centred", "smoke"):
+            raise ValueError(f"unknown lj800 config variant {v!r}; use 'short', 'fire', 'centred', 'smoke' or a "
                              "comma-separated list of them")
     if "fire" in variants:
         c.system.params.initial = "fire"
+    if "centred" in variants:
+        c.autoencoder.input_origin = "box_centre"
     if "short" in variants:
         c.train.epochs = 200
         c.train.patience = 20

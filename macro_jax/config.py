@@ -13,6 +13,9 @@ from macro_jax.models.latent import LATENT_MODELS
 from macro_jax.systems.integrators import INTEGRATORS
 
 
+INPUT_ORIGINS = ("data", "box_centre")  # autoencoder.input_origin
+
+
 class ConfigError(ValueError):
     """A config value is out of range; the message names the field."""
 
@@ -167,6 +170,8 @@ def validate(config, n_observables: int | None = None, integrators: tuple[str, .
     _require(a.cond_rows in ("all", "closure"), "autoencoder.cond_rows", a.cond_rows, "must be 'all' or 'closure'")
     _require(a.jacobian in JACOBIAN_METHODS, "autoencoder.jacobian", a.jacobian, f"must be one of {list(JACOBIAN_METHODS)}")
     _require(a.bias_init in ("torch", "zeros"), "autoencoder.bias_init", a.bias_init, "must be 'torch' or 'zeros'")
+    _require(a.get("input_origin", "data") in INPUT_ORIGINS, "autoencoder.input_origin", a.get("input_origin"),
+             f"must be one of {list(INPUT_ORIGINS)}")
     _require(len(a.hidden) >= 1 and all(int(w) >= 1 for w in a.hidden), "autoencoder.hidden", a.hidden,
              "must be a non-empty tuple of positive widths")
     for field in ("epochs", "batch_size"):

@@ -300,7 +300,19 @@ def _make_autoencoder(config, system, key) -> Autoencoder:
     return Autoencoder(
         system.n_dof, system.n_observables, a.latent_dim - system.n_observables, tuple(a.hidden), a.activation,
         system.observable_fn, decoder_uses_observables=a.decoder_uses_observables, bias_init=a.bias_init, key=key,
+        input_shift=input_shift(config, system),
     )
+
+
+def input_shift(config, system) -> tuple[float, int]:
+    """The autoencoder's ``input_shift`` for ``autoencoder.input_origin``."""
+    origin = config.autoencoder.get("input_origin", "data")
+    if origin == "data":
+        return (0.0, 0)
+    if system.centre_shift[1] == 0:
+        raise ConfigError(f"autoencoder.input_origin={origin!r} needs a system with a centre frame "
+                          f"(MicroSystem.centre_shift); {system.name!r} has none: use 'data'")
+    return system.centre_shift
 
 
 def autoencoder_spec(config) -> dict:
@@ -711,13 +723,14 @@ _BOOKKEEPING = ("log_every", "checkpoint_every", "monitor_every", "runs", "budge
 def _autoencoder_settings(fields: dict) -> dict:
     """The autoencoder section without ``checkpoint_every``, bookkeeping added after
     autoencoders and results were saved (``log_every`` stays: saved files hold it)."""
-    return {k: v for k, v in fields.items() if k != "checkpoint_every"}
+    return _without_later_defaults("autoencoder", {k: v for k, v in fields.items() if k != "checkpoint_every"})
 
 
 # Fields added after results were saved: at these values they are left out of
 # saved settings, so that older files stay valid.
 # (data.one_ensemble is not here: autoencoders saved since it exists carry it in their spec.)
-_LATER_DEFAULTS = {"data": {"block_trajectories": 0, "pool_keep_above": None},
+_LATER_DEFAULTS = {"autoencoder": {"input_origin": "data"},
+                   "data": {"block_trajectories": 0, "pool_keep_above": None},
                    "train": {"draw_configs": "first", "draw_seed": None, "monitor_every": 0, "shared_subsets": False,
                              "subset_seed": None, "select_every": 0, "select_fraction": 0.1,
                              "xp_excess": False}}

@@ -64,7 +64,7 @@ def make_geometry_fn(ae: Autoencoder, method: str) -> Callable[[jax.Array, jax.A
         def geometry(x, dofs):
             obs = ae.observable_fn(x).astype(jnp.float32)
             a = jax.jacrev(ae.observable_fn)(x)  # (d*, N), x's dtype; products below in float64
-            h1 = first(x)
+            h1 = first(ae.encoder_input(x))
             closure = ae.encoder.tail(h1)
             r = jax.jacrev(ae.encoder.tail)(h1).astype(F64)  # (c, width)
             a_w1t = dot_t_f64(a, w1)  # (d*, width)

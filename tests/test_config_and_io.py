@@ -28,6 +28,7 @@ from macro_jax.models import OnsagerNet
         ("autoencoder.latent_dim", 1, "autoencoder.latent_dim=1"),
         ("autoencoder.lambda_cond", -1.0, "autoencoder.lambda_cond"),
         ("autoencoder.cond_rows", "some", "autoencoder.cond_rows"),
+        ("autoencoder.input_origin", "corner", "autoencoder.input_origin='corner' is invalid: must be one of"),
         ("train.lr", 0.0, "train.lr=0.0 is invalid"),
         ("train.label_mode", "live", "train.label_mode"),
         ("train.seeds", (1, 1), "train.seeds"),
@@ -95,7 +96,7 @@ def test_shipped_configs_validate():
         validate(predator_prey.get_config(variant), n_observables=2)
     with pytest.raises(ValueError, match="unknown predator_prey config variant"):
         predator_prey.get_config("huge")
-    for variant in ("", "short", "smoke", "fire", "fire,short"):
+    for variant in ("", "short", "smoke", "fire", "fire,short", "centred,smoke"):
         validate(lj800.get_config(variant), n_observables=1, integrators=("velocity_verlet",))
     with pytest.raises(ValueError, match="unknown lj800 config variant 'huge'"):
         lj800.get_config("fire,huge")
@@ -222,6 +223,22 @@ def test_lj800_start_and_specs_of_older_data():
     del older["params"]["initial"]
     assert experiment.system_spec(fire) == older
     assert experiment.system_spec(lj800.get_config(""))["params"]["initial"] == "lammps_reference"
+
+
+def test_input_origin_needs_a_centre_frame_and_keeps_older_specs():
+    """'box_centre' is refused for a system without a centre frame; at its
+    default the field is left out of the autoencoder's spec, so autoencoders
+    saved before it existed still load."""
+    from macro_jax import experiment
+    from macro_jax.systems import make_predator_prey
+
+    config = predator_prey.get_config("smoke")
+    config.autoencoder.input_origin = "box_centre"
+    with pytest.raises(ConfigError, match="autoencoder.input_origin='box_centre' needs a system with a centre frame"):
+        experiment.input_shift(config, make_predator_prey())
+    plain = lj800.get_config("")
+    assert "input_origin" not in experiment.autoencoder_spec(plain)["autoencoder"]
+    assert experiment.autoencoder_spec(lj800.get_config("centred"))["autoencoder"]["input_origin"] == "box_centre"
 
 
 def test_versions_record_the_machine(tmp_path):

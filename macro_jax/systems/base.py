@@ -26,6 +26,12 @@ A system is a frozen bundle of pure functions built by a ``make_*`` factory:
   sampling (``"xp:<p>:importance"``). It reads the state only, never a
   force; an O(N) pass is acceptable (the encoder reads every coordinate of
   each configuration anyway).
+* ``centre_shift = (c, m)`` (default ``(0.0, 0)``): a second frame for the
+  encoder's input. With ``autoencoder.input_origin = "box_centre"`` the
+  encoder sees ``x`` with ``c`` subtracted from its first ``m`` coordinates
+  (particles: positions measured from the box centre, in ``[-L/2, L/2)`` as in
+  the reference's LAMMPS box, instead of our ``[0, L)``). Forces, observables
+  and stored data never change.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class MicroSystem:
     integrators: tuple[str, ...] = ("euler", "rk4")
     observable_names: tuple[str, ...] = ()
     site_proposal_fn: Callable[[Float[Array, " N"]], Float[Array, " n_sites"]] | None = None
+    centre_shift: tuple[float, int] = (0.0, 0)
 
     def __post_init__(self):
         if self.n_sites * self.dofs_per_site != self.n_dof:

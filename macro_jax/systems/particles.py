@@ -512,6 +512,7 @@ def make_particle_calculator(
         trajectory_fn=trajectory_fn,
         integrators=("velocity_verlet",),
         observable_names=("temperature" if temperature_scale == 1.0 else f"{temperature_scale:g} x temperature",),
+        centre_shift=(0.5 * float(box_size), 3 * n),  # positions (the first 3n dofs) from the box centre
     )
     calculator = ParticleCalculator(
         system=system, n_atoms=n, box_size=box_size, cutoff=cutoff, mass=float(mass),
