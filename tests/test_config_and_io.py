@@ -236,7 +236,13 @@ def test_input_origin_needs_a_centre_frame_and_keeps_older_specs():
     config.autoencoder.input_origin = "box_centre"
     with pytest.raises(ConfigError, match="autoencoder.input_origin='box_centre' needs a system with a centre frame"):
         experiment.input_shift(config, make_predator_prey())
+    from macro_jax.systems.particles import make_particle_calculator
+
+    particles = make_particle_calculator(100, 5.0).system
+    assert particles.centre_shift == (2.5, 300)  # positions, the first 3n of x = (positions, velocities)
+    assert experiment.input_shift(lj800.get_config("centred,smoke"), particles) == (2.5, 300)
     plain = lj800.get_config("")
+    assert experiment.input_shift(plain, particles) == (0.0, 0)
     assert "input_origin" not in experiment.autoencoder_spec(plain)["autoencoder"]
     assert experiment.autoencoder_spec(lj800.get_config("centred"))["autoencoder"]["input_origin"] == "box_centre"
 
