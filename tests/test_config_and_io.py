@@ -231,13 +231,12 @@ def test_input_origin_needs_a_centre_frame_and_keeps_older_specs():
     saved before it existed still load."""
     from macro_jax import experiment
     from macro_jax.systems import make_predator_prey
+    from macro_jax.systems.particles import make_particle_calculator
 
     config = predator_prey.get_config("smoke")
     config.autoencoder.input_origin = "box_centre"
     with pytest.raises(ConfigError, match="autoencoder.input_origin='box_centre' needs a system with a centre frame"):
         experiment.input_shift(config, make_predator_prey())
-    from macro_jax.systems.particles import make_particle_calculator
-
     particles = make_particle_calculator(100, 5.0).system
     assert particles.centre_shift == (2.5, 300)  # positions, the first 3n of x = (positions, velocities)
     assert experiment.input_shift(lj800.get_config("centred,smoke"), particles) == (2.5, 300)
