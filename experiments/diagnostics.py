@@ -18,11 +18,18 @@
   python experiments/diagnostics.py --mode=subset_noise --config configs/lj_scaling.py:800 \
       --workdir workdirs/lj800_scaling --n_configs=50
   # -> <workdir>/diagnostics/subset_noise.json
+
+  # the members' signed error at the end of the test rollouts: how much of an
+  # ensemble's error is a drift they share (from the runs' saved rollouts)
+  python experiments/diagnostics.py --mode=drift --config configs/lj800.py:centred \
+      --workdir workdirs/lj800_centred
+  # -> <workdir>/diagnostics/drift.json
 """
 
 import json
 import os
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,7 +37,7 @@ from macro_jax import diagnostics, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir (run) or the sweep's (lambda_sweep).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "lambda_sweep", "subset_noise"], "What to diagnose.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "lambda_sweep", "subset_noise", "drift"], "What to diagnose.")
 _N_CONFIGS = flags.DEFINE_integer("n_configs", 50, "subset_noise: pool rows (spread evenly) to label with all forces.")
 _OUT = flags.DEFINE_string("out", None, "lambda_sweep: JSON file for the rows; a .png and .md are written beside it.")
 _TRAIN_MONITORED = flags.DEFINE_bool("train_monitored", False,
@@ -59,6 +66,19 @@ def main(argv):
                   + f"; relative variance of the k-site Gram {r['gram_noise']:.3g}; |P f|^2 / |f|^2 (median) "
                   f"{r['unexplained_fraction_median']:.3g}")
         print(f"wrote {_WORKDIR.value}/diagnostics/subset_noise.json")
+        return
+    if _MODE.value == "drift":
+        report = diagnostics.drift_report(config, _WORKDIR.value)
+        for key, r in report["ensembles"].items():
+            for j, shared in enumerate(r["shared"]):
+                signed = np.asarray(r["end_signed"])[:, j]
+                print(f"{key} (observable {j}, {r['n_members']} members): end error "
+                      f"{np.mean(np.asarray(r['end_abs'])[:, j]):.2%}, signed {np.mean(signed):+.2%} "
+                      f"(members {np.min(signed):+.2%} ... {np.max(signed):+.2%}, {r['n_positive'][j]} above "
+                      f"the truth), shared fraction {shared:.2f}")
+        if report["skipped"]:
+            print(f"no saved rollouts: {', '.join(report['skipped'])}")
+        print(f"wrote {_WORKDIR.value}/diagnostics/drift.json")
         return
     summary = diagnostics.run_diagnostics(config, _WORKDIR.value, train_monitored=_TRAIN_MONITORED.value)
     print(json.dumps(summary["cond"], indent=1))

@@ -11,6 +11,9 @@ on held-out data, and the ``lambda_cond`` sweep.
   latent rate ``J f`` next to the rate's variance over configurations, per
   row of J and per site coordinate, and ``|P f|^2``, the part of f that J
   does not explain (from full forces; a diagnostic).
+* ``rollout_drift``: how much of an ensemble's end-of-rollout error is a
+  drift in one direction that its members share (``drift_report``: every
+  ensemble of a workdir, from the saved test rollouts).
 * ``lambda_sweep``: test error and ``cond(G)`` for each ``lambda_cond`` of
   ``config.diagnostics.lambda_values`` (resumable).
 * ``run_diagnostics``: the condition-number distribution of a workdir's
@@ -23,6 +26,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Callable, Mapping
 
 import equinox as eqx
@@ -219,6 +223,67 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
             **{key: np.asarray(v).tolist() for key, v in r.items()}}
     os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)
     experiment.write_json(os.path.join(workdir, "diagnostics", "subset_noise.json"), report)
+    return report
+
+
+# ---------------------------------------------------------------- drift of the rollouts
+
+
+def rollout_drift(pred_obs, true_obs) -> dict[str, np.ndarray]:
+    """How much of an ensemble's rollout error is a drift its members share.
+
+    ``pred_obs`` (members, n_traj, T, d_obs) and ``true_obs`` (n_traj, T,
+    d_obs). At the last step, per member and observable: ``end_signed``, the
+    mean over trajectories of ``pred - true``, and ``end_abs``, the mean of
+    ``|pred - true|``, both divided by the mean ``|true|`` there (relative).
+    ``shared`` (d_obs,) is ``|mean_m end_signed| / mean_m end_abs``: 1 when
+    every member is off by the same amount in the same direction on every
+    trajectory, near 0 when the members' errors cancel on average;
+    ``n_positive`` (d_obs,) counts the members that end above the truth.
+    """
+    pred = np.asarray(pred_obs, np.float64)[:, :, -1]
+    true = np.asarray(true_obs, np.float64)[:, -1]
+    if pred.shape[1:] != true.shape:
+        raise ValueError(f"rollouts {pred.shape[1:]} and truth {true.shape} disagree in (n_traj, d_obs)")
+    scale = np.mean(np.abs(true), axis=0)
+    signed = np.mean(pred - true[None], axis=1) / scale
+    absolute = np.mean(np.abs(pred - true[None]), axis=1) / scale
+    return {"end_signed": signed, "end_abs": absolute, "shared": np.abs(signed.mean(0)) / absolute.mean(0),
+            "n_positive": np.sum(signed > 0, axis=0)}
+
+
+def ensemble_key(run_name: str) -> str:
+    """The ensemble a run directory belongs to: its name less a member-group tag
+    (``mlp_seeds3-3_xp_p0.0625_budget1000000`` -> ``mlp_xp_p0.0625_budget1000000``)."""
+    return re.sub(r"_seeds\d+-\d+", "", run_name)
+
+
+def drift_report(config, workdir: str) -> dict:
+    """``rollout_drift`` of every ensemble of ``workdir/runs``, its member groups
+    joined; runs without saved test rollouts are listed under ``skipped``.
+    Written to ``workdir/diagnostics/drift.json``."""
+    from macro_jax import experiment
+
+    true_obs = np.asarray(experiment.prepare(config, workdir).test.obs)
+    pred, skipped = {}, []
+    for result_path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "result.json"))):
+        run_dir = os.path.dirname(result_path)
+        with open(result_path) as f:
+            result = json.load(f)
+        path = os.path.join(run_dir, experiment.ROLLOUTS)
+        if not os.path.exists(path):
+            skipped.append(os.path.basename(run_dir))
+            continue
+        meta = experiment.rollouts_meta(result["run"], result["budget"], result["settings"])
+        pred.setdefault(ensemble_key(os.path.basename(run_dir)), []).append(
+            checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"])
+    report = {"workdir": workdir, "skipped": skipped, "ensembles": {}}
+    for key, parts in sorted(pred.items()):
+        r = rollout_drift(np.concatenate(parts), true_obs)
+        report["ensembles"][key] = {"n_members": int(sum(len(p) for p in parts)),
+                                    **{k: np.asarray(v).tolist() for k, v in r.items()}}
+    os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)
+    experiment.write_json(os.path.join(workdir, "diagnostics", "drift.json"), report)
     return report
 
 

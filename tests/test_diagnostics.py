@@ -203,3 +203,38 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
         diagnostics.subset_noise(system, ae, xs, system.n_sites, np.arange(3))
     with pytest.raises(ConfigError, match="n_configs=1"):
         diagnostics.subset_noise(system, ae, xs, k, np.arange(1))
+
+
+def test_rollout_drift_of_a_shared_offset_and_of_cancelling_members():
+    true = np.linspace(1.0, 2.0, 3 * 5 * 2).reshape(3, 5, 2)  # (n_traj, T, d_obs); last step mean |true|
+    scale = np.mean(true[:, -1], axis=0)
+    shared = diagnostics.rollout_drift(np.stack([true + 0.01 * scale] * 4), true)
+    np.testing.assert_allclose(shared["end_signed"], 0.01)
+    np.testing.assert_allclose(shared["end_abs"], 0.01)
+    np.testing.assert_allclose(shared["shared"], 1.0)
+    assert shared["n_positive"].tolist() == [4, 4]
+    # two members off by +-2 % on every trajectory: the same error, none of it shared
+    pair = diagnostics.rollout_drift(np.stack([true * 1.02, true * 0.98]), true)
+    np.testing.assert_allclose(pair["end_abs"], 0.02)
+    np.testing.assert_allclose(pair["end_signed"], [[0.02, 0.02], [-0.02, -0.02]])
+    np.testing.assert_allclose(pair["shared"], 0.0, atol=1e-12)
+    assert pair["n_positive"].tolist() == [1, 1]
+    assert diagnostics.ensemble_key("mlp_seeds3-3_xp_p0.0625_budget1000000") == "mlp_xp_p0.0625_budget1000000"
+    with pytest.raises(ValueError, match="disagree"):
+        diagnostics.rollout_drift(np.stack([true]), true[:2])
+
+
+def test_drift_report_reads_the_saved_rollouts_of_a_workdir(tmp_path):
+    config = predator_prey.get_config("smoke")
+    config.train.runs = ("z",)
+    config.train.epochs = 2
+    workdir = str(tmp_path)
+    experiment.train_and_evaluate(config, workdir)
+    report = diagnostics.drift_report(config, workdir)
+    (key, r), = report["ensembles"].items()
+    run_dir = os.path.join(workdir, "runs", key)
+    pred = np.load(os.path.join(run_dir, experiment.ROLLOUTS))["pred_obs"]
+    true = np.asarray(experiment.prepare(config, workdir).test.obs)
+    assert r["n_members"] == len(config.train.seeds) == len(pred) and report["skipped"] == []
+    np.testing.assert_allclose(r["end_signed"], diagnostics.rollout_drift(pred, true)["end_signed"])
+    assert json.load(open(os.path.join(workdir, "diagnostics", "drift.json"))) == report
