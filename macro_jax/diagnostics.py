@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 from typing import Callable, Mapping
 
 import equinox as eqx
@@ -252,31 +251,22 @@ def rollout_drift(pred_obs, true_obs) -> dict[str, np.ndarray]:
             "n_positive": np.sum(signed > 0, axis=0)}
 
 
-def ensemble_key(run_name: str) -> str:
-    """The ensemble a run directory belongs to: its name less a member-group tag
-    (``mlp_seeds3-3_xp_p0.0625_budget1000000`` -> ``mlp_xp_p0.0625_budget1000000``)."""
-    return re.sub(r"_seeds\d+-\d+", "", run_name)
-
-
 def drift_report(config, workdir: str) -> dict:
     """``rollout_drift`` of every ensemble of ``workdir/runs``, its member groups
     joined; runs without saved test rollouts are listed under ``skipped``.
     Written to ``workdir/diagnostics/drift.json``."""
-    from macro_jax import experiment
+    from macro_jax import experiment, structures
 
     true_obs = np.asarray(experiment.prepare(config, workdir).test.obs)
     pred, skipped = {}, []
     for result_path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "result.json"))):
         run_dir = os.path.dirname(result_path)
         with open(result_path) as f:
-            result = json.load(f)
-        path = os.path.join(run_dir, experiment.ROLLOUTS)
-        if not os.path.exists(path):
+            pred_obs = experiment.saved_rollouts(run_dir, json.load(f))
+        if pred_obs is None:
             skipped.append(os.path.basename(run_dir))
-            continue
-        meta = experiment.rollouts_meta(result["run"], result["budget"], result["settings"])
-        pred.setdefault(ensemble_key(os.path.basename(run_dir)), []).append(
-            checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"])
+        else:
+            pred.setdefault(structures.ensemble_run_name(os.path.basename(run_dir)), []).append(pred_obs)
     report = {"workdir": workdir, "skipped": skipped, "ensembles": {}}
     for key, parts in sorted(pred.items()):
         r = rollout_drift(np.concatenate(parts), true_obs)

@@ -687,6 +687,16 @@ def rollouts_meta(spec: str, budget: int, settings: dict) -> dict:
     return {"run": spec, "budget": int(budget), "settings": settings}
 
 
+def saved_rollouts(run_dir: str, result: dict) -> np.ndarray | None:
+    """The test rollouts ``pred_obs`` saved beside a finished run's ``result``
+    (checksum and settings checked), or None when the run has none."""
+    path = os.path.join(run_dir, ROLLOUTS)
+    if not os.path.exists(path):
+        return None
+    return checkpoint.load_arrays(path, expect=rollouts_meta(result["run"], result["budget"], result["settings"]))[0][
+        "pred_obs"]
+
+
 def run_name(spec: str, budget: int, tag: str = "", draw_seed: int | None = None) -> str:
     """Directory name of one run under ``workdir/runs``, e.g. ``xp_p0.25_budget60000``
     (``mlp_xp_p0.0625_budget1000000`` with ``tag="mlp"``,
@@ -859,12 +869,11 @@ def _reported_run(prep: Prepared, config, spec: str, workdir: str) -> dict:
     if result is None:
         return run_loss(prep, config, spec, budget, workdir)
     run_dir = os.path.join(workdir, "runs", config_run_name(config, spec, budget))
-    path, meta = os.path.join(run_dir, ROLLOUTS), rollouts_meta(spec, budget, result["settings"])
-    if os.path.exists(path):
-        pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]
-    else:
+    pred_obs = saved_rollouts(run_dir, result)
+    if pred_obs is None:
         pred_obs = _reevaluated(prep, config, spec, budget, run_dir, result)
-        checkpoint.save_arrays(path, {"pred_obs": pred_obs}, meta)
+        checkpoint.save_arrays(os.path.join(run_dir, ROLLOUTS), {"pred_obs": pred_obs},
+                               rollouts_meta(spec, budget, result["settings"]))
     return dict(result, _pred_obs=pred_obs, _true_obs=np.asarray(prep.test.obs))
 
 

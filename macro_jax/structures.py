@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -59,6 +60,12 @@ def seed_groups(seeds, size: int) -> list[tuple[int, ...]]:
 def group_tag(model: str, seeds) -> str:
     """The run-name tag of a member group: ``onsagernet_seeds3-4``."""
     return f"{model}_seeds{seeds[0]}-{seeds[-1]}"
+
+
+def ensemble_run_name(run_name: str) -> str:
+    """The ensemble a run directory belongs to: its name less the ``group_tag`` seeds
+    (``mlp_seeds3-3_xp_p0.0625_budget1000000`` -> ``mlp_xp_p0.0625_budget1000000``)."""
+    return re.sub(r"_seeds\d+-\d+", "", run_name)
 
 
 def group_config(config, model: str, seeds):

@@ -66,11 +66,11 @@ def run_sweep(config, workdir: str) -> list[dict]:
 def _with_last_member_errors(result: dict, workdir: str) -> dict:
     """Adds the paper's Fig. 4 metric to a run finished before results carried it,
     from its saved test rollouts (left out when they are not in the workdir)."""
-    path = os.path.join(workdir, "runs", experiment.result_run_name(result), experiment.ROLLOUTS)
-    if "last_member_errors" in result or not os.path.exists(path):
+    if "last_member_errors" in result:
         return result
-    meta = experiment.rollouts_meta(result["run"], result["budget"], result["settings"])
-    pred_obs = checkpoint.load_arrays(path, expect=meta)[0]["pred_obs"]
+    pred_obs = experiment.saved_rollouts(os.path.join(workdir, "runs", experiment.result_run_name(result)), result)
+    if pred_obs is None:
+        return result
     return dict(result, last_member_errors=np.asarray(evaluation.last_member_errors(pred_obs), np.float64).tolist())
 
 

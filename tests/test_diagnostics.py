@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import predator_prey
-from macro_jax import checkpoint, diagnostics, experiment, jacobian, train
+from macro_jax import checkpoint, diagnostics, experiment, jacobian, structures, train
 from macro_jax.config import ConfigError
 from macro_jax.models import Autoencoder, NormalisedField, make_latent_model
 from macro_jax.systems import make_predator_prey
@@ -219,7 +219,7 @@ def test_rollout_drift_of_a_shared_offset_and_of_cancelling_members():
     np.testing.assert_allclose(pair["end_signed"], [[0.02, 0.02], [-0.02, -0.02]])
     np.testing.assert_allclose(pair["shared"], 0.0, atol=1e-12)
     assert pair["n_positive"].tolist() == [1, 1]
-    assert diagnostics.ensemble_key("mlp_seeds3-3_xp_p0.0625_budget1000000") == "mlp_xp_p0.0625_budget1000000"
+    assert structures.ensemble_run_name("mlp_seeds3-3_xp_p0.0625_budget1000000") == "mlp_xp_p0.0625_budget1000000"
     with pytest.raises(ValueError, match="disagree"):
         diagnostics.rollout_drift(np.stack([true]), true[:2])
 
