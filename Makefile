@@ -22,8 +22,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The full Predator-Prey budget sweep (about two hours in one process on 2 cores; see the
-# README for the two-process split that took 65 minutes); writes docs/results/.
+# The full Predator-Prey budget sweep (about two hours in one process on 2 cores; see
+# docs/results.md for the two-process split that took 65 minutes); writes docs/results/.
 sweep: $(STAMP)
 	$(PY) experiments/sweep.py --config configs/predator_prey.py --workdir workdirs/predator_prey_sweep --out docs/results/predator_prey.json
 

@@ -12,7 +12,7 @@ Variants (config argument after the colon; combine with commas, e.g. :fire,short
           epochs (200), what fits a 2-core CPU session; not the protocol.
   :fire   the runs start from our jax-md state (random insertion, FIRE to
           |F| < 1e-3) instead of the reference's LAMMPS state; the data of our
-          results before 2026-11-25 (README).
+          results before 2026-11-25 (docs/results.md).
   :centred  the encoder reads positions from the box centre, in [-L/2, L/2)
           as the reference's LAMMPS data do, instead of our [0, L)
           (autoencoder.input_origin = "box_centre"); a new autoencoder.
