@@ -14,7 +14,8 @@
   # (+ lambda_cond.png, .md, and lambda_cond_histograms.png: cond(J J^T) of every autoencoder)
 
   # noise of the partial labels: variance of the k-site estimate of J f vs the
-  # variance of J f over configurations (full forces on --n_configs pool rows)
+  # variance of J f over configurations, and the bound on what importance sampling
+  # of sites could gain (full forces on --n_configs pool rows)
   python experiments/diagnostics.py --mode=subset_noise --config configs/lj_scaling.py:800 \
       --workdir workdirs/lj800_scaling --n_configs=50
   # -> <workdir>/diagnostics/subset_noise.json
@@ -64,7 +65,9 @@ def main(argv):
                   f"{r['ratio_median']:.3g}, max {r['ratio_max']:.3g}; per site coordinate (median) "
                   + ", ".join(f"{v:.3g}" for v in r["component_ratio_median"])
                   + f"; relative variance of the k-site Gram {r['gram_noise']:.3g}; |P f|^2 / |f|^2 (median) "
-                  f"{r['unexplained_fraction_median']:.3g}")
+                  f"{r['unexplained_fraction_median']:.3g}; importance sampling (variance in L_x's metric, "
+                  f"median ratio to uniform): Jacobian proposal {r['importance_ratio_jacobian_median']:.3g}, "
+                  f"oracle bound {r['importance_ratio_oracle_median']:.3g}")
         print(f"wrote {_WORKDIR.value}/diagnostics/subset_noise.json")
         return
     if _MODE.value == "drift":

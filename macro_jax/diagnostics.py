@@ -149,6 +149,18 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
     what the k-site estimates of ``J f`` (and the ``L_x,p`` gradient) are
     noisy with (for ``f = J^T a`` the regression estimate is exact);
     ``unexplained_fraction`` is their ratio.
+
+    Would importance sampling of sites help (as it does for Allen-Cahn)? In the
+    metric of ``L_x`` (``L_x = |P f|^2 + (J f - g)^T G^{-1} (J f - g)``) the
+    estimate's noise is ``E (h - J f)^T G^{-1} (h - J f)``, per configuration:
+    ``metric_noise`` for the uniform draw (without replacement, as trained) and,
+    for k i.i.d. draws with probabilities q and weights 1 / (k q_s)
+    (``sample_sites_weighted``), ``(sum_s |c_s|_M^2 / q_s - |J f|_M^2) / k`` with
+    ``|c|_M^2 = c^T G^{-1} c``. ``importance_ratio_jacobian`` is that variance
+    over ``metric_noise`` for q_s proportional to the norm of site s's columns
+    of ``G^{-1/2} J`` (the state only: a proposal training could use), and
+    ``importance_ratio_oracle`` for q_s proportional to ``|c_s|_M``, the best
+    q of all (it needs every force, so it is a bound, not an option).
     J is ``jax.jacrev`` of the encoder (d x N per configuration, one at a time).
     """
     n, dps = system.n_sites, system.dofs_per_site
@@ -179,20 +191,34 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
         reg = jax.vmap(regression)(jr.split(key, n_draws))
         jf = c.sum((1, 2))
         ff = jnp.sum(f**2)
-        pf = ff - jacobian.metric_norm2(jacobian.cholesky(gram), jf)  # as L_x's floor (data._sample_fn)
+        chol = jacobian.cholesky(gram)
+        pf = ff - jacobian.metric_norm2(chol, jf)  # as L_x's floor (data._sample_fn)
+        white = jax.scipy.linalg.solve_triangular(chol, cols.reshape(cols.shape[0], -1), lower=True)
+        white = white.reshape(cols.shape)  # G^{-1/2} J, per site and coordinate: |c|_M = |G^{-1/2} c|
+        wc = (white * f[site_dofs]).sum(-1)  # (d, n): whitened per-site contributions
+        metric = fac * jnp.sum(jnp.var(wc, 1, ddof=1))
+
+        def iid(q):
+            q = q / q.sum()
+            return (jnp.sum(jnp.sum(wc**2, 0) / q) - jnp.sum(wc.sum(1) ** 2)) / k
+
+        importance = jnp.stack([iid(jnp.sqrt(jnp.sum(white**2, (0, 2)))), iid(jnp.sqrt(jnp.sum(wc**2, 0)))])
         return (jf, fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
-                jnp.var(reg, 0, ddof=1), ff, pf)
+                jnp.var(reg, 0, ddof=1), ff, pf, metric, importance)
 
     keys = jr.split(jr.PRNGKey(seed), len(indices))
     per_config = [jax.device_get(one(jnp.asarray(pool_lib.take(pool, np.asarray([i]))[0]), keys[j]))
                   for j, i in enumerate(np.asarray(indices))]
-    rates, noise, by_component, gram_noise, reg_noise, ff, pf = (np.stack(a) for a in zip(*per_config))
+    rates, noise, by_component, gram_noise, reg_noise, ff, pf, metric, importance = (
+        np.stack(a) for a in zip(*per_config))
     signal = rates.var(0, ddof=1)
     noise_var = noise.mean(0)
     return {"signal_var": signal, "noise_var": noise_var, "noise_var_by_component": by_component.mean(0),
             "ratio": noise_var / signal, "gram_noise": float(gram_noise.mean()),
             "regression_noise_var": reg_noise.mean(0), "regression_ratio": reg_noise.mean(0) / signal,
-            "force_norm2": ff, "unexplained_norm2": pf, "unexplained_fraction": pf / ff}
+            "force_norm2": ff, "unexplained_norm2": pf, "unexplained_fraction": pf / ff,
+            "metric_noise": metric, "importance_ratio_jacobian": importance[:, 0] / metric,
+            "importance_ratio_oracle": importance[:, 1] / metric}
 
 
 def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
@@ -219,6 +245,8 @@ def subset_noise_report(config, workdir: str, n_configs: int) -> dict:
             "component_ratio_median": [float(np.median(v / r["signal_var"])) for v in r["noise_var_by_component"]],
             "unexplained_fraction_median": float(np.median(r["unexplained_fraction"])),
             "unexplained_norm2_per_dof_mean": float(np.mean(r["unexplained_norm2"]) / prep.system.n_dof),
+            "importance_ratio_jacobian_median": float(np.median(r["importance_ratio_jacobian"])),
+            "importance_ratio_oracle_median": float(np.median(r["importance_ratio_oracle"])),
             **{key: np.asarray(v).tolist() for key, v in r.items()}}
     os.makedirs(os.path.join(workdir, "diagnostics"), exist_ok=True)
     experiment.write_json(os.path.join(workdir, "diagnostics", "subset_noise.json"), report)

@@ -158,7 +158,7 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     over 4,000 uniform draws, per row of J, and likewise for the k-site Gram
     (n / k) J_I J_I^T against J J^T; its signal is the variance of J f."""
     from macro_jax import data
-    from macro_jax.systems import sample_sites
+    from macro_jax.systems import sample_sites, sample_sites_weighted
 
     system = make_predator_prey()
     ae = _f64(Autoencoder(system.n_dof, 2, 2, (8,), "softplus", system.observable_fn, decoder_uses_observables=True,
@@ -168,7 +168,7 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
     r = diagnostics.subset_noise(system, ae, xs, k, np.arange(3))
     geometry = jacobian.make_geometry_fn(ae, "generic")
     keys = jr.split(jr.PRNGKey(2), 4000)
-    noise, gram_noise = [], []
+    noise, gram_noise, metric_noise, importance = [], [], [], []
     for x in xs:
         def rate(key, x=x):
             sites = sample_sites(key, system.n_sites, k)
@@ -179,8 +179,25 @@ def test_subset_noise_equals_variance_of_the_training_estimate():
         jac = np.asarray(jax.jacrev(ae.encode)(x))
         gram = jac @ jac.T
         gram_noise.append(np.mean(np.sum((np.asarray(grams) - gram) ** 2, (1, 2))) / np.sum(gram**2))
+        # the same draws in L_x's metric G^{-1}, and k i.i.d. draws from the Jacobian proposal
+        f = np.asarray(system.force_fn(x))
+        dofs = np.asarray(jax.vmap(lambda s: system.site_dofs(s[None]))(jnp.arange(system.n_sites)))
+        c = np.einsum("dsk,sk->sd", jac[:, dofs], f[dofs])  # (n, d) per-site contributions
+        white = np.linalg.solve(np.linalg.cholesky(gram), jac)
+        q = np.sqrt(np.sum(white[:, dofs] ** 2, (0, 2)))
+        q = q / q.sum()
+        drawn = np.asarray(jax.vmap(lambda key: sample_sites_weighted(key, jnp.asarray(q), k))(keys))
+        weighted = (c[drawn] / (k * q[drawn])[..., None]).sum(1)
+        in_metric = lambda h: np.einsum("ad,de,ae->a", h - jac @ f, np.linalg.inv(gram), h - jac @ f)
+        metric_noise.append(np.mean(in_metric(np.asarray(rates))))
+        importance.append(np.mean(in_metric(weighted)))
     np.testing.assert_allclose(r["noise_var"], np.mean(noise, 0), rtol=0.1)  # 4,000 draws: ~2 % sampling error
     np.testing.assert_allclose(r["gram_noise"], np.mean(gram_noise), rtol=0.1)
+    np.testing.assert_allclose(r["metric_noise"], metric_noise, rtol=0.1)
+    np.testing.assert_allclose(r["importance_ratio_jacobian"] * r["metric_noise"], importance, rtol=0.1)
+    # the oracle proposal is the best i.i.d. one (Cauchy-Schwarz): below the Jacobian proposal
+    np.testing.assert_array_less(r["importance_ratio_oracle"], r["importance_ratio_jacobian"])
+    assert np.all(r["importance_ratio_oracle"] > 0)
     jf = np.stack([np.asarray(jax.jacrev(ae.encode)(x) @ system.force_fn(x)) for x in xs])
     np.testing.assert_allclose(r["signal_var"], jf.var(0, ddof=1), rtol=1e-8)
     np.testing.assert_allclose(r["ratio"], r["noise_var"] / r["signal_var"])
