@@ -193,16 +193,16 @@ def subset_noise(system, ae, pool, k: int, indices, n_draws: int = 200, seed: in
         ff = jnp.sum(f**2)
         chol = jacobian.cholesky(gram)
         pf = ff - jacobian.metric_norm2(chol, jf)  # as L_x's floor (data._sample_fn)
-        white = jax.scipy.linalg.solve_triangular(chol, cols.reshape(cols.shape[0], -1), lower=True)
-        white = white.reshape(cols.shape)  # G^{-1/2} J, per site and coordinate: |c|_M = |G^{-1/2} c|
-        wc = (white * f[site_dofs]).sum(-1)  # (d, n): whitened per-site contributions
+        whiten = lambda a: jax.scipy.linalg.solve_triangular(chol, a, lower=True)  # |c|_M = |G^{-1/2} c|
+        wc = whiten(c.sum(-1))  # (d, n): whitened per-site contributions
         metric = fac * jnp.sum(jnp.var(wc, 1, ddof=1))
 
         def iid(q):
             q = q / q.sum()
             return (jnp.sum(jnp.sum(wc**2, 0) / q) - jnp.sum(wc.sum(1) ** 2)) / k
 
-        importance = jnp.stack([iid(jnp.sqrt(jnp.sum(white**2, (0, 2)))), iid(jnp.sqrt(jnp.sum(wc**2, 0)))])
+        site_norm = jnp.sqrt(jnp.sum(whiten(jac)[:, site_dofs] ** 2, (0, 2)))  # site s's columns of G^{-1/2} J
+        importance = jnp.stack([iid(site_norm), iid(jnp.sqrt(jnp.sum(wc**2, 0)))])
         return (jf, fac * jnp.var(c.sum(-1), 1, ddof=1), fac * jnp.var(c, 1, ddof=1).T, gram_noise,
                 jnp.var(reg, 0, ddof=1), ff, pf, metric, importance)
 
